@@ -1,0 +1,20 @@
+# Quick start:  make run   (set up, then train the default experiment)
+#               make test  (set up, then run the test suite)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test setup
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(PY) -m fmjax.main --config=experiments/pretrain_tiny.py --workdir=runs/pretrain_tiny
+
+test: setup
+	$(PY) -m pytest -q

@@ -1,0 +1,43 @@
+"""Checkpoints: train state and data-iterator position, saved together.
+
+An orbax CheckpointManager writes each step asynchronously and keeps the last
+`checkpoint.keep`. A restore takes its target shardings from the caller, so a
+run can resume on a mesh of a different shape.
+"""
+
+from __future__ import annotations
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, directory, keep: int, async_save: bool = True):
+    self.manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """State restored onto the shardings in `abstract_state`; the iterator in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,273 @@
+"""The experiment schema: every field fmjax reads, its default, and its checks.
+
+An experiment file starts from `base()` and overrides what it needs. `validate`
+then checks the whole config before anything is compiled or written, and raises
+`ConfigError` with a one-line message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+
+import ml_collections
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "lion")
+REMAT = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+OBJECTIVES = ("next_token",)
+DATASETS = ("kjv",)
+
+
+class ConfigError(ValueError):
+  """A bad experiment config. The message is one line: the field, then the fix."""
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every field, with its default. Experiment files override these."""
+  c = ml_collections.ConfigDict()
+
+  c.model = dict(
+      vocab_size=2048,
+      d_model=256,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=4,
+      head_dim=0,  # 0: d_model // n_heads
+      d_ff=768,
+      tie_embeddings=False,
+      rope_theta=10000.0,
+      norm_eps=1e-5,
+      init_std=0.02,
+      dtype="float32",  # compute dtype; parameters are always float32
+      remat="none",  # none | full | dots
+      scan_layers=True,
+  )
+  c.data = dict(
+      name="kjv",
+      data_dir="~/.cache/fmjax",  # where the built corpus and tokenizer live
+      tokenizer="bpe",  # sentencepiece model type: bpe | unigram
+      seq_len=256,
+      seed=0,
+      num_workers=0,  # grain worker processes; 0 reads in the main process
+      eval_batches=8,
+  )
+  c.objective = dict(name="next_token", z_loss=0.0)
+  c.optimizer = dict(
+      name="adamw",
+      lr=3e-3,
+      schedule="cosine",
+      warmup_steps=100,
+      decay_steps=0,  # length of the schedule; 0 means train.steps
+      wsd_decay_fraction=0.2,
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,
+  )
+  # Mesh axis sizes; -1 takes the devices that are left.
+  c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1, cpu_devices=0)
+  # Logical axis -> mesh axes ("" replicated, "data,fsdp" for several).
+  # Parameters and activations have separate rules: FSDP is a change to the
+  # first only.
+  c.sharding = dict(
+      params=dict(
+          vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor",
+          head_dim="", mlp="tensor", layers=""),
+      activations=dict(
+          batch="data,fsdp", seq="", embed="", heads="tensor",
+          kv_heads="tensor", head_dim="", mlp="tensor", vocab="tensor"),
+  )
+  c.train = dict(
+      steps=1000,
+      batch_size=32,  # global, in sequences
+      microbatches=1,
+      seed=0,
+      log_every=10,
+      eval_every=200,
+      progress=True,
+      sample_prompt="And God said",
+      sample_tokens=80,
+      sample_temperature=0.7,
+  )
+  c.checkpoint = dict(every=200, keep=3, async_save=True)
+  return ml_collections.ConfigDict(c)
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def head_dim(m) -> int:
+  return m.head_dim or m.d_model // m.n_heads
+
+
+def parse_axes(value: str) -> tuple[str, ...]:
+  """'data,fsdp' -> ('data', 'fsdp'); '' -> ()."""
+  return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
+  """Resolves the -1 entry of the mesh config against the device count."""
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ConfigError(f"mesh.{bad[0]}={sizes[bad[0]]}: axis sizes must be >= 1, "
+                      "or -1 for 'the rest of the devices'")
+  if len(free) > 1:
+    raise ConfigError(f"mesh: only one axis may be -1, got {', '.join(free)}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if n_devices % fixed:
+      raise ConfigError(
+          f"mesh: fixed axes multiply to {fixed}, which does not divide the "
+          f"{n_devices} devices; change mesh.* so their product divides {n_devices}")
+    sizes[free[0]] = n_devices // fixed
+  elif fixed != n_devices:
+    shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+    raise ConfigError(
+        f"mesh {shape} needs {fixed} devices but {n_devices} are present; "
+        "set one axis to -1 or make the product equal the device count")
+  return sizes
+
+
+def _unknown_fields(cfg, schema, prefix=""):
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+      yield f"unknown config field {path}{hint}"
+    elif isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
+        yield f"{path} must be a section with fields, got {cfg[key]!r}"
+      else:
+        yield from _unknown_fields(cfg[key], schema[key], path + ".")
+
+
+def _wrong_types(cfg, schema, prefix=""):
+  for key, default in schema.items():
+    path = f"{prefix}{key}"
+    if key not in cfg:
+      yield f"missing config field {path}; start the experiment from fmjax.config.base()"
+      continue
+    value = cfg[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if isinstance(value, (ml_collections.ConfigDict, dict)):
+        yield from _wrong_types(value, default, path + ".")
+      continue
+    ok = (isinstance(value, type(default)) and not
+          (isinstance(value, bool) and not isinstance(default, bool)))
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+      ok = True
+    if not ok:
+      yield (f"{path}={value!r} has type {type(value).__name__}, "
+             f"expected {type(default).__name__} like {default!r}")
+
+
+def _choice(path, value, options):
+  if value not in options:
+    raise ConfigError(f"{path}={value!r} is not one of {', '.join(options)}")
+
+
+def _positive(path, value, allow_zero=False):
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{path}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+  """Checks the whole config; returns the resolved mesh shape.
+
+  Raises ConfigError on the first problem found.
+  """
+  schema = base()
+  for problem in _unknown_fields(cfg, schema):
+    raise ConfigError(problem)
+  for problem in _wrong_types(cfg, schema):
+    raise ConfigError(problem)
+
+  m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+    _positive(f"model.{name}", m[name])
+  _positive("model.head_dim", m.head_dim, allow_zero=True)
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        "change one, or set model.head_dim explicitly")
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(
+        f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+        "(grouped-query attention shares each KV head among n_heads/n_kv_heads queries)")
+  if head_dim(m) % 2:
+    raise ConfigError(f"head dim {head_dim(m)} must be even for rotary embeddings; "
+                      "change model.head_dim or model.d_model/model.n_heads")
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.remat", m.remat, REMAT)
+  _positive("model.rope_theta", m.rope_theta)
+
+  from fmjax.data.tokenizer import MIN_VOCAB_SIZE  # the tokenizer is trained at model.vocab_size
+  if m.vocab_size < MIN_VOCAB_SIZE:
+    raise ConfigError(f"model.vocab_size={m.vocab_size} is below {MIN_VOCAB_SIZE}, the smallest "
+                      "tokenizer with byte fallback; raise it")
+  _choice("data.name", d.name, DATASETS)
+  _choice("data.tokenizer", d.tokenizer, ("bpe", "unigram"))
+  if d.seq_len < 2:
+    raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
+  _positive("data.num_workers", d.num_workers, allow_zero=True)
+
+  _choice("objective.name", cfg.objective.name, OBJECTIVES)
+  _positive("objective.z_loss", cfg.objective.z_loss, allow_zero=True)
+
+  _choice("optimizer.name", o.name, OPTIMIZERS)
+  _choice("optimizer.schedule", o.schedule, SCHEDULES)
+  _positive("optimizer.lr", o.lr)
+  _positive("optimizer.warmup_steps", o.warmup_steps, allow_zero=True)
+  _positive("optimizer.decay_steps", o.decay_steps, allow_zero=True)
+  _positive("optimizer.clip_norm", o.clip_norm, allow_zero=True)
+  if not 0 <= o.min_lr_ratio <= 1:
+    raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+  if not 0 < o.wsd_decay_fraction <= 1:
+    raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")
+
+  for name in ("steps", "batch_size", "microbatches", "log_every"):
+    _positive(f"train.{name}", t[name])
+  _positive("train.eval_every", t.eval_every, allow_zero=True)
+  _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+  _positive("checkpoint.keep", cfg.checkpoint.keep)
+
+  shape = mesh_shape(cfg.mesh, n_devices)
+  _check_rules(cfg.sharding, shape)
+  batch_shards = math.prod(shape[a] for a in parse_axes(cfg.sharding.activations.batch))
+  if t.batch_size % t.microbatches:
+    raise ConfigError(f"train.microbatches={t.microbatches} must divide "
+                      f"train.batch_size={t.batch_size}")
+  micro = t.batch_size // t.microbatches
+  if micro % batch_shards:
+    raise ConfigError(
+        f"microbatch size {micro} (train.batch_size/train.microbatches) is not "
+        f"divisible by the {batch_shards} batch shards of the mesh; "
+        f"make it a multiple of {batch_shards}")
+  return shape
+
+
+def _check_rules(sharding, shape):
+  for kind in ("params", "activations"):
+    for logical, value in sharding[kind].items():
+      axes = parse_axes(value)
+      for a in axes:
+        if a not in MESH_AXES:
+          raise ConfigError(
+              f"sharding.{kind}.{logical}={value!r} names mesh axis {a!r}; "
+              f"mesh axes are {', '.join(MESH_AXES)}")
+      if len(set(axes)) != len(axes):
+        raise ConfigError(f"sharding.{kind}.{logical}={value!r} repeats a mesh axis")

@@ -1,0 +1,76 @@
+"""What a config costs: parameters, FLOPs per token, and the device's peak.
+
+The formulas are closed-form in the model config; tests hold them against the
+real parameter tree and against XLA's cost analysis of the compiled step.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from fmjax import config as config_lib
+
+
+def param_counts(m) -> dict[str, int]:
+  """total and non_embedding parameter counts of model config `m`."""
+  D, V, L, F = m.d_model, m.vocab_size, m.n_layers, m.d_ff
+  N, K, H = m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
+  per_layer = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+  embedding = V * D * (1 if m.tie_embeddings else 2)
+  total = embedding + D + L * per_layer
+  return {"total": total, "non_embedding": total - embedding}
+
+
+def flops_per_token(m, seq_len: int, training: bool = True) -> float:
+  """Matmul FLOPs per token: 2 per multiply-add, x3 for a training step.
+
+  Attention scores and values are counted over the full T x T square, as the
+  compiled dot products compute them (the causal half is masked, not skipped).
+  """
+  D, V, L, F = m.d_model, m.vocab_size, m.n_layers, m.d_ff
+  N, K, H = m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
+  projections = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+  attention = 2 * seq_len * N * H  # q.k and p.v
+  forward = 2 * (L * (projections + attention) + D * V)
+  return 3 * forward if training else forward
+
+
+# Dense peak FLOP/s by device kind, from datasheets, for the compute dtype.
+_DATASHEET = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+@functools.cache
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s of all devices of this process, where the figure came from).
+
+  Accelerators use their datasheet. A CPU has none, so its peak is measured
+  with a large jitted matmul in the compute dtype; fake CPU devices share the
+  same cores, so that one figure is the whole host's peak.
+  """
+  devices = jax.local_devices()
+  kind = devices[0].device_kind
+  for name, peak in _DATASHEET.items():
+    if kind.startswith(name):
+      return peak * len(devices), f"datasheet {name} x{len(devices)}"
+  return measure_matmul_flops(dtype), f"measured {dtype} matmul on {kind}"
+
+
+def measure_matmul_flops(dtype: str = "float32", n: int = 1536, repeats: int = 5) -> float:
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best

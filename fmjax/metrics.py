@@ -1,0 +1,71 @@
+"""Run records: metrics.jsonl, TensorBoard events and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends one JSON record per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # small, and needs no TensorFlow
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+
+  def write(self, step: int, record: dict):
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+        self._tb.add_scalar(key, value, step)
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(v):
+  if isinstance(v, (np.generic, np.ndarray)):
+    return v.item()
+  return v
+
+
+def read(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(records: list[dict], path: str, title: str = "") -> None:
+  """Train and held-out loss against step, saved as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+  if train:
+    ax.plot(*zip(*train), label="train", lw=1.2)
+  if held_out:
+    ax.plot(*zip(*held_out), "o-", label="held-out", lw=1.5)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

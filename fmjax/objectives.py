@@ -1,0 +1,68 @@
+"""Training objectives: pure functions of (params, batch) to summed losses.
+
+An objective returns sums over tokens, not means, so that microbatches add up
+exactly: the train step divides the accumulated sums by the accumulated
+`tokens` once, at the end.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fmjax import model
+
+
+def next_token_targets(batch):
+  """Targets (B, T) and a 0/1 weight per position.
+
+  Position t predicts token t+1 only inside one packed document; the last
+  position of each document, padding, and positions a `loss_mask` zeroes (if
+  the batch has one) carry no loss.
+  """
+  tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
+  targets_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
+  next_seg_BT = jnp.concatenate([seg_BT[:, 1:], jnp.zeros_like(seg_BT[:, :1])], axis=1)
+  weights_BT = ((seg_BT != 0) & (next_seg_BT == seg_BT)).astype(jnp.float32)
+  if "loss_mask" in batch:
+    weights_BT = weights_BT * batch["loss_mask"].astype(jnp.float32)
+  return targets_BT, weights_BT
+
+
+def cross_entropy_sums(logits_BTV, targets_BT, weights_BT, z_loss: float):
+  """Summed cross-entropy (plus z-loss) and metric sums over weighted tokens."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  nll_BT = lse_BT - target_logit_BT
+  z_BT = z_loss * lse_BT**2
+  correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+  stats = {
+      "tokens": jnp.sum(weights_BT),
+      "nll": jnp.sum(nll_BT * weights_BT),
+      "z_loss": jnp.sum(z_BT * weights_BT),
+      "correct": jnp.sum(correct_BT * weights_BT),
+  }
+  return stats["nll"] + stats["z_loss"], stats
+
+
+def next_token(params, batch, cfg):
+  """Next-token prediction, for pretraining and continued pretraining."""
+  logits_BTV = model.forward(
+      params, batch["tokens"], batch["segment_ids"], batch["positions"], cfg)
+  targets_BT, weights_BT = next_token_targets(batch)
+  return cross_entropy_sums(logits_BTV, targets_BT, weights_BT, cfg.objective.z_loss)
+
+
+def summarize(stats) -> dict:
+  """Means from summed statistics: loss, perplexity, accuracy."""
+  n = max(float(stats["tokens"]), 1.0)
+  loss = float(stats["nll"]) / n
+  out = {"loss": loss, "perplexity": float(jnp.exp(jnp.minimum(loss, 50.0))),
+         "accuracy": float(stats["correct"]) / n, "tokens": float(stats["tokens"])}
+  if float(stats.get("z_loss", 0.0)):
+    out["z_loss"] = float(stats["z_loss"]) / n
+  return out
+
+
+OBJECTIVES = {"next_token": next_token}

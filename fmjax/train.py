@@ -1,0 +1,166 @@
+"""The sharded train step and the training loop.
+
+State is a dict {step, params, opt_state}. Its shardings are derived from the
+parameter declarations; it is created already sharded, updated by one jitted
+step with donated buffers, and checkpointed with the data iterator's position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fmjax import config as config_lib
+from fmjax import cost, model, objectives, optim
+from fmjax import params as params_lib
+from fmjax import sharding as sharding_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the step functions are built from: derived once from the config."""
+  cfg: object
+  mesh: jax.sharding.Mesh
+  decls: dict
+  optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  state_shardings: dict
+  batch_sharding: NamedSharding
+
+  @property
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the state: the target of a restore."""
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+              "params": params_lib.abstract(self.decls)}
+    shapes["opt_state"] = jax.eval_shape(self.optimizer.init, shapes["params"])
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
+
+
+def setup(cfg, mesh) -> Setup:
+  decls = model.param_decls(cfg.model)
+  optimizer = optim.make(cfg.optimizer, cfg.train.steps, decls)
+  param_sh = params_lib.shardings(decls, mesh, cfg.sharding.params)
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(optimizer.init, params_lib.abstract(decls))
+  opt_sh = optax.tree_map_params(
+      optimizer, lambda _, sh: sh, abstract_opt, param_sh,
+      transform_non_params=lambda _: replicated)
+  return Setup(
+      cfg=cfg, mesh=mesh, decls=decls, optimizer=optimizer,
+      lr_schedule=optim.schedule(cfg.optimizer, cfg.train.steps),
+      state_shardings={"step": replicated, "params": param_sh, "opt_state": opt_sh},
+      batch_sharding=sharding_lib.batch_sharding(mesh, cfg.sharding.activations))
+
+
+def init_state(s: Setup, seed: int):
+  """The initial state, created sharded: no parameter exists unsharded."""
+
+  def init(key):
+    p = params_lib.init(s.decls, key)
+    return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": s.optimizer.init(p)}
+
+  with jax.set_mesh(s.mesh):
+    return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(seed))
+
+
+def _split_microbatches(batch, n: int, rules):
+  """(B, ...) -> (n, B/n, ...), taking every n-th row so each shard keeps its rows."""
+
+  def split(x):
+    y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return sharding_lib.constrain(y, (None, "batch") + (None,) * (x.ndim - 1), rules)
+
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(s: Setup):
+  cfg = s.cfg
+  objective = objectives.OBJECTIVES[cfg.objective.name]
+  grad_fn = jax.value_and_grad(lambda p, b: objective(p, b, cfg), has_aux=True)
+  n_micro = cfg.train.microbatches
+
+  def step(state, batch):
+    params = state["params"]
+    if n_micro == 1:
+      (_, stats), grads = grad_fn(params, batch)
+    else:
+      def accumulate(carry, microbatch):
+        (_, stats), grads = grad_fn(params, microbatch)
+        return jax.tree.map(jnp.add, carry, (grads, stats)), None
+
+      microbatches = _split_microbatches(batch, n_micro, cfg.sharding.activations)
+      stats_shape = jax.eval_shape(
+          lambda: objective(params, jax.tree.map(lambda x: x[0], microbatches), cfg)[1])
+      zeros = (jax.tree.map(jnp.zeros_like, params),
+               jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), stats_shape))
+      (grads, stats), _ = jax.lax.scan(accumulate, zeros, microbatches)
+    denom = jnp.maximum(stats["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = s.optimizer.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state}
+    metrics = dict(stats, grad_norm=optax.tree.norm(grads), lr=s.lr_schedule(state["step"]))
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(s.state_shardings, s.batch_sharding),
+                 out_shardings=(s.state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(s: Setup):
+  objective = objectives.OBJECTIVES[s.cfg.objective.name]
+  return jax.jit(lambda p, b: objective(p, b, s.cfg)[1],
+                 in_shardings=(s.state_shardings["params"], s.batch_sharding))
+
+
+def global_batch(local_batch: dict, sharding) -> dict:
+  """Host-local numpy rows -> one global array per key, sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def evaluate(s: Setup, eval_step, params, batches) -> dict:
+  """Held-out statistics summed over `batches`.
+
+  Each batch's sums are fetched before the next is dispatched: on fake CPU
+  devices, many queued executions with collectives can deadlock XLA:CPU.
+  """
+  total = None
+  for b in batches:
+    stats = jax.device_get(eval_step(params, global_batch(b, s.batch_sharding)))
+    total = stats if total is None else jax.tree.map(np.add, total, stats)
+  return objectives.summarize(total)
+
+
+def step_record(stats, step_time: float, tokens_per_step: int, flops_per_token: float,
+                peak: float) -> dict:
+  """One metrics record from a step's fetched statistics."""
+  record = objectives.summarize(stats)
+  tokens_per_s = tokens_per_step / step_time if step_time > 0 else 0.0
+  record.update(lr=float(stats["lr"]), grad_norm=float(stats["grad_norm"]),
+                tokens_per_s=tokens_per_s, step_time_s=step_time,
+                mfu=tokens_per_s * flops_per_token / peak)
+  return record
+
+
+def run_summary(cfg, s: Setup, **extra) -> dict:
+  counts = cost.param_counts(cfg.model)
+  assert counts["total"] == params_lib.count(s.decls)
+  return {"params": counts["total"], "non_embedding_params": counts["non_embedding"],
+          "flops_per_token": cost.flops_per_token(cfg.model, cfg.data.seq_len),
+          "mesh": dict(s.mesh.shape), **extra}
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
