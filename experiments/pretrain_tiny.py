@@ -1,4 +1,4 @@
-"""Pretrain a 2.6M-parameter dense decoder on the King James Bible, on CPU.
+"""Pretrain a 2.4M-parameter dense decoder on the King James Bible, on CPU.
 
 The default experiment: 8 fake CPU devices in a data=2 x fsdp=2 x tensor=2
 mesh, a BPE tokenizer of 2048 pieces trained on the corpus, sequences of 256
@@ -6,9 +6,10 @@ packed tokens, 16 sequences a step.
 
   python -m fmjax.main --config=experiments/pretrain_tiny.py --workdir=runs/pretrain_tiny
 
-What to expect on a 2-core CPU: about 4 minutes of training (~4k tokens/s),
-held-out loss falling from ~7.6 to about 3.7 nats/token, and a sample that reads
-like scripture ("And the LORD said unto ..."). The run writes metrics.jsonl,
+What to expect on a 2-core CPU: about 5 minutes (~3.6-4k tokens/s, 1M tokens),
+held-out loss falling from ~7.6 at init to about 4.0 nats/token (4.92 at step 50,
+4.09 at step 200), and a sample that reads like scripture ("And God said unto
+him ..."). The run writes metrics.jsonl,
 TensorBoard events, loss_curve.png, summary.json and checkpoints into the
 workdir; running the command again resumes (and, once finished, re-evaluates).
 

@@ -7,6 +7,8 @@ run can resume on a mesh of a different shape.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import orbax.checkpoint as ocp
 
@@ -15,7 +17,7 @@ class Checkpointer:
 
   def __init__(self, directory, keep: int, async_save: bool = True):
     self.manager = ocp.CheckpointManager(
-        directory,
+        os.path.abspath(directory),  # orbax requires absolute paths
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
     )

@@ -75,13 +75,21 @@ def run(cfg, workdir: str) -> dict:
 
   bar = tqdm.tqdm(total=t.steps, initial=start, disable=not (is_main and t.progress),
                   unit="step", dynamic_ncols=True)
-  pending = None  # (step, metrics on device, dispatch time)
-  last_time = time.perf_counter()
+  pending = []  # [(step, metrics still on device)]: at most one
+  clock = [time.perf_counter()]
   eval_loss = None
   step_times = []
 
-  def log(step, stats, step_time):
-    record = train.step_record(stats, step_time, tokens_per_step, flops_per_token, peak)
+  def flush():
+    """Fetches and logs the pending step; its time is the wall time since the last one."""
+    if not pending:
+      return
+    step, on_device = pending.pop()
+    stats = jax.device_get(on_device)
+    now = time.perf_counter()
+    step_times.append(now - clock[0])
+    clock[0] = now
+    record = train.step_record(stats, step_times[-1], tokens_per_step, flops_per_token, peak)
     if step % t.log_every == 0 or step == t.steps:
       writer.write(step, record)
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -91,25 +99,19 @@ def run(cfg, workdir: str) -> dict:
     for step in range(start, t.steps):
       batch = train.global_batch(next(train_iter), s.batch_sharding)
       state, step_metrics = train_step(state, batch)
-      if pending is not None:
-        stats = jax.device_get(pending[1])
-        now = time.perf_counter()
-        step_times.append(now - last_time)
-        log(pending[0], stats, now - last_time)
-        last_time = now
-      pending = (step + 1, step_metrics)
+      flush()  # the previous step's metrics, while this one runs
+      pending.append((step + 1, step_metrics))
       bar.update(1)
       done = step + 1
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+        flush()
         eval_loss = _eval(s, eval_step, state, eval_data, writer, done, bar)
-        last_time = time.perf_counter()
+        clock[0] = time.perf_counter()
       if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps:
+        flush()
         ckpt.save(done, state, train_iter)
-    if pending is not None:
-      stats = jax.device_get(pending[1])
-      now = time.perf_counter()
-      step_times.append(now - last_time)
-      log(pending[0], stats, now - last_time)
+        clock[0] = time.perf_counter()
+    flush()
     bar.close()
     if start < t.steps or eval_loss is None:
       eval_loss = _eval(s, eval_step, state, eval_data, writer, t.steps, None)

@@ -90,10 +90,12 @@ def test_restore_into_a_different_mesh(straight_and_resumed, data_dir):
 def test_default_experiment_runs_from_the_command_line(data_dir, tmp_path):
   workdir = tmp_path / "default"
   env = dict(os.environ, PYTHONPATH=REPO)
-  cmd = [sys.executable, "-m", "fmjax.main", "--config=experiments/pretrain_tiny.py",
-         f"--workdir={workdir}", "--config.train.steps=3", f"--config.data.data_dir={data_dir}",
-         "--config.data.eval_batches=1", "--config.train.sample_tokens=8"]
-  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  # A relative workdir, and a checkpoint in the middle of the run as well as at its end.
+  cmd = [sys.executable, "-m", "fmjax.main", f"--config={REPO}/experiments/pretrain_tiny.py",
+         "--workdir=default", "--config.train.steps=3", f"--config.data.data_dir={data_dir}",
+         "--config.data.eval_batches=1", "--config.train.sample_tokens=8",
+         "--config.checkpoint.every=2"]
+  r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "final held-out loss" in r.stdout
   assert "sample: " in r.stdout
@@ -101,13 +103,22 @@ def test_default_experiment_runs_from_the_command_line(data_dir, tmp_path):
     assert (workdir / name).exists()
   # Running it again resumes at the end: nothing is retrained.
   before = losses(str(workdir))
-  r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3"]
+  r2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert losses(str(workdir)) == before
   with open(workdir / "summary.json") as f:
     assert json.load(f)["steps"] == 3
+  # fmjax.sample reads the checkpoint; greedy decoding is deterministic.
+  sample_cmd = [sys.executable, "-m", "fmjax.sample", "--workdir=default", "--temperature=0",
+                "--max_new_tokens=12", "--prompt=And God said"]
+  outs = [subprocess.run(sample_cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300) for _ in range(2)]
+  assert outs[0].returncode == 0, outs[0].stderr[-3000:]
+  assert outs[0].stdout.startswith("And God said")
+  assert outs[0].stdout == outs[1].stdout
   # A different learning rate on the same workdir is refused.
-  r3 = subprocess.run(cmd + ["--config.optimizer.lr=0.1"], cwd=REPO, env=env,
+  r3 = subprocess.run(cmd + ["--config.optimizer.lr=0.1"], cwd=tmp_path, env=env,
                       capture_output=True, text=True, timeout=600)
   assert r3.returncode == 2
   assert "optimizer.lr: 0.003 -> 0.1" in r3.stderr
