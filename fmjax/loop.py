@@ -62,9 +62,7 @@ def run(cfg, workdir: str) -> dict:
 
   records_path = os.path.join(workdir, "metrics.jsonl")
   if is_main:  # records past the checkpoint came from a run that died; drop them
-    kept = [r for r in metrics_lib.read(records_path) if r["step"] <= start]
-    with open(records_path, "w") as f:
-      f.writelines(metrics_lib.json.dumps(r) + "\n" for r in kept)
+    metrics_lib.truncate(records_path, start)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
 
   train_step = train.make_train_step(s)

@@ -48,6 +48,15 @@ def read(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate(path: str, last_step: int) -> None:
+  """Keeps only the records up to `last_step` (the step a run resumes from)."""
+  kept = [r for r in read(path) if r["step"] <= last_step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(tmp, path)
+
+
 def plot_loss_curve(records: list[dict], path: str, title: str = "") -> None:
   """Train and held-out loss against step, saved as a PNG."""
   import matplotlib
