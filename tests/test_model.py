@@ -223,3 +223,30 @@ def test_flops_formula_matches_the_compiled_train_step():
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   per_token = float(analysis["flops"]) / (cfg.train.batch_size * cfg.data.seq_len)
   assert per_token == pytest.approx(cost.flops_per_token(cfg.model, 128), rel=0.05)
+
+
+def _loss_and_grads(cfg, batch):
+  params = init_params(cfg)
+  objective = objectives.OBJECTIVES["next_token"]
+  (loss, stats), grads = jax.jit(jax.value_and_grad(
+      lambda p: objective(p, jax.tree.map(jnp.asarray, batch), cfg), has_aux=True))(params)
+  return float(loss / stats["tokens"]), grads
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_do_not_change_gradients(remat):
+  base = tiny_config()
+  batch = random_batch(base, docs_per_row=2)
+  loss0, g0 = _loss_and_grads(base, batch)
+  loss1, g1 = _loss_and_grads(tiny_config(remat=remat), batch)
+  assert loss1 == pytest.approx(loss0, rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
+
+
+def test_bfloat16_compute_tracks_float32():
+  base = tiny_config()
+  batch = random_batch(base)
+  loss32, _ = _loss_and_grads(base, batch)
+  loss16, g16 = _loss_and_grads(tiny_config(dtype="bfloat16"), batch)
+  assert loss16 == pytest.approx(loss32, rel=0.02)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # float32 master weights
