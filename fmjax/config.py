@@ -32,6 +32,8 @@ def base() -> ml_collections.ConfigDict:
 
   c.model = dict(
       vocab_size=2048,
+      depth=0,  # size dial: > 0 sets n_layers, d_model, heads and d_ff (fmjax/sizing.py)
+      aspect_ratio=64,  # d_model per layer under the size dial
       d_model=256,
       n_layers=4,
       n_heads=4,
@@ -85,6 +87,10 @@ def base() -> ml_collections.ConfigDict:
   )
   c.train = dict(
       steps=1000,
+      # Or give the horizon as one of these (fmjax/sizing.py turns it into steps):
+      tokens=0,
+      tokens_per_param=0.0,
+      flops=0.0,  # a training-FLOP budget
       batch_size=32,  # global, in sequences
       microbatches=1,
       seed=0,

@@ -38,7 +38,7 @@ PARAMETRIC_NAMES = ("E", "A", "B", "alpha", "beta")
 DEFAULT_GRID = dict(a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
                     e=(-1.0, -0.5, 0.0, 0.5, 1.0), alpha=(0.0, 0.5, 1.0, 1.5, 2.0),
                     beta=(0.0, 0.5, 1.0, 1.5, 2.0))
-DEFAULT_REFINE = 32
+DEFAULT_REFINE = 16
 # The Huber objective is tiny (residuals ~1e-2, delta 1e-3), so scipy's default
 # stopping tolerances end L-BFGS far from the optimum.
 LBFGS_OPTIONS = dict(gtol=1e-12, ftol=1e-15, maxiter=5000)
@@ -185,14 +185,24 @@ def fit_parametric(N, D, L, delta: float = 1e-3, grid: dict | None = None,
   if bootstrap:
     rng = np.random.default_rng(seed)
     samples = []
-    for _ in range(bootstrap):  # each resample starts from the optimum and its own best starts
-      i = rng.integers(0, len(logL), len(logL))
-      x0 = np.concatenate([best.x[None], _best_starts(starts, logN[i], logD[i], logL[i], delta, 2)])
-      f = _to_fit(*(lambda r: (r.x, r.fun))(_minimise(x0, logN[i], logD[i], logL[i], delta)))
+    for _ in range(bootstrap):
+      f = refit(fit, N, D, L, rng.integers(0, len(logL), len(logL)), delta, grid)
       samples.append([getattr(f, k) for k in PARAMETRIC_NAMES])
     lo, hi = np.quantile(np.array(samples), [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     fit.intervals = {k: (float(l), float(h)) for k, l, h in zip(PARAMETRIC_NAMES, lo, hi)}
   return fit
+
+
+def refit(fit: ParametricFit, N, D, L, rows, delta: float = 1e-3,
+          grid: dict | None = None) -> ParametricFit:
+  """The fit on a subset or resample `rows` of the points, started from `fit`'s
+  optimum and the subset's two best grid points: cheap, for bootstraps and
+  leave-one-out refits."""
+  logN, logD, logL = np.log(N[rows]), np.log(D[rows]), np.log(L[rows])
+  x = np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])
+  starts = _best_starts(_grid_starts(grid or DEFAULT_GRID), logN, logD, logL, delta, 2)
+  res = _minimise(np.concatenate([x[None], starts]), logN, logD, logL, delta)
+  return _to_fit(res.x, res.fun)
 
 
 def compute_optimal(fit: ParametricFit, C):
@@ -329,15 +339,17 @@ def goodness(fit: ParametricFit, N, D, L) -> dict:
           "mean_abs_rel_error": float(np.mean(np.abs(pred - L) / L))}
 
 
-def leave_one_budget_out(N, D, L, C, delta: float = 1e-3, grid: dict | None = None) -> dict:
+def leave_one_budget_out(N, D, L, C, delta: float = 1e-3, grid: dict | None = None,
+                         full: ParametricFit | None = None) -> dict:
   """Refit without each budget and predict its runs: mean |relative error| per budget."""
   labels = group_budgets(C)
+  full = full or fit_parametric(N, D, L, delta=delta, grid=grid)
   per_budget = []
   for k in np.unique(labels):
     held = labels == k
     if (~held).sum() < 5:
       continue
-    fit = fit_parametric(N[~held], D[~held], L[~held], delta=delta, grid=grid)
+    fit = refit(full, N, D, L, np.flatnonzero(~held), delta, grid)
     err = np.abs(fit.predict(N[held], D[held]) - L[held]) / L[held]
     per_budget.append({"C": float(np.exp(np.mean(np.log(C[held])))),
                        "mean_abs_rel_error": float(err.mean()),
@@ -357,7 +369,7 @@ def fit_all(N, D, L, C, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0
   par = fit_parametric(N, D, L, delta=delta, bootstrap=bootstrap, seed=seed)
   out["parametric"] = par.as_dict()
   out["goodness"] = goodness(par, N, D, L)
-  out["leave_one_budget_out"] = leave_one_budget_out(N, D, L, C, delta=delta)
+  out["leave_one_budget_out"] = leave_one_budget_out(N, D, L, C, delta=delta, full=par)
   try:
     iso = fit_isoflop(N, D, L, C)
     out["isoflop"] = iso.as_dict()

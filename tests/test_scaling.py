@@ -53,7 +53,7 @@ def test_noise_free_fit_is_exact_and_prediction_error_is_small():
 
 def test_grid_of_starts_finds_the_optimum_a_single_start_misses():
   N, D, L, _ = draw(noise=0.003)
-  single = {k: (v,) for k, v in dict(a=0.0, b=0.0, e=0.0, alpha=0.0, beta=0.0).items()}
+  single = {k: (v,) for k, v in dict(a=25.0, b=0.0, e=0.0, alpha=0.0, beta=0.0).items()}
   one = scaling.fit_parametric(N, D, L, grid=single)
   grid = scaling.fit_parametric(N, D, L)
   assert grid.objective < one.objective / 10
@@ -119,3 +119,25 @@ def test_cli_names_a_missing_column(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert "'params'" in err and len(err.splitlines()) == 1
   assert not (tmp_path / "o").exists()
+
+
+def test_notebook_runs_headless_on_a_generated_table(tmp_path, monkeypatch):
+  """Executes every code cell of the shipped notebook, in order, in one namespace."""
+  N, D, L, C = draw(noise=0.003)
+  path = tmp_path / "records.jsonl"
+  with open(path, "w") as f:
+    for n, d, l, c in zip(N, D, L, C):
+      f.write(json.dumps({"params": n, "tokens": d, "final_eval_loss": l, "flops": c}) + "\n")
+  monkeypatch.setenv("FMJAX_RECORDS", str(path))
+  monkeypatch.setenv("FMJAX_FIT_DIR", str(tmp_path / "fit"))
+  monkeypatch.setenv("FMJAX_BOOTSTRAP", "3")
+  notebook = os.path.join(os.path.dirname(__file__), "..", "experiments", "notebooks",
+                          "scaling_laws.ipynb")
+  with open(notebook) as f:
+    cells = [c for c in json.load(f)["cells"] if c["cell_type"] == "code"]
+  namespace = {}
+  for i, cell in enumerate(cells):
+    exec(compile("".join(cell["source"]), f"scaling_laws.ipynb cell {i}", "exec"), namespace)
+  assert namespace["result"]["parametric"]["alpha"] == pytest.approx(TRUE["alpha"], abs=0.05)
+  assert len(namespace["optimal"]["N"]) == 5
+  assert (tmp_path / "fit" / "isoflop.png").exists()
