@@ -3,6 +3,8 @@
 `load_or_train(data_dir, vocab_size, model_type)` trains a model on the train
 split of `kjv` the first time and caches it as
 `{data_dir}/kjv_{model_type}_{vocab_size}.model`; later calls load that file.
+`tools/train_tokenizer.py` trains one on any source (`train_on`), for
+`data.tokenizer_path`.
 
 decode(encode(s)) == s for any string: no normalization, whitespace kept as
 is (including runs of spaces and whitespace-only pieces), "\\n" and "\\t" are
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from typing import Iterable
 
 import sentencepiece as spm
 
@@ -72,8 +75,19 @@ def load_or_train(data_dir: str, vocab_size: int, model_type: str = "bpe") -> To
   return Tokenizer(path)
 
 
+def from_config(d, vocab_size: int) -> Tokenizer:
+  """The tokenizer a config's data section names: data.tokenizer_path, or kjv's own."""
+  if d.get("tokenizer_path"):  # absent from configs saved before it existed
+    path = os.path.expanduser(d.tokenizer_path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"data.tokenizer_path={d.tokenizer_path!r}: no such file; "
+                              "train one with tools/train_tokenizer.py")
+    return Tokenizer(path)
+  return load_or_train(os.path.expanduser(d.data_dir), vocab_size, d.tokenizer)
+
+
 def train(data_dir: str, vocab_size: int, model_type: str = "bpe") -> bytes:
-  """The bytes of a model trained on the train split, one verse per sentence.
+  """The bytes of a model trained on kjv's train split, one verse per sentence.
 
   Deterministic: the same corpus and arguments give the same bytes.
   """
@@ -83,12 +97,23 @@ def train(data_dir: str, vocab_size: int, model_type: str = "bpe") -> bytes:
   source = kjv.load_source(data_dir, "train")
   records = source.__getitems__(range(len(source)))
   verses = [line for r in records for line in r["text"].decode("utf-8").split("\n")]
+  return train_on(verses, vocab_size, model_type)
+
+
+def train_on(sentences: Iterable[str], vocab_size: int, model_type: str = "bpe",
+             max_sentences: int = 0) -> bytes:
+  """The bytes of a model with an exact round trip, trained on `sentences`.
+
+  max_sentences > 0 trains on that many sentences drawn from the input (with
+  sentencepiece's own seeded sampling); 0 uses them all.
+  """
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(verses),
+      sentence_iterator=iter(sentences),
       model_writer=model,
       model_type=model_type,
       vocab_size=vocab_size,
+      input_sentence_size=max_sentences,
       character_coverage=1.0,
       byte_fallback=True,
       # Exact round trip: keep every character and every space as written.
