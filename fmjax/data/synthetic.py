@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -55,13 +56,7 @@ class Chain:
 
   def transitions(self) -> tuple[np.ndarray, np.ndarray]:
     """(successors, probabilities), both (states, branching); rows of probabilities sum to 1."""
-    rng = np.random.default_rng(np.random.SeedSequence((self.seed, 0x5EED)))
-    n, k = self.states, self.branching
-    succ = np.empty((n, k), np.int64)
-    for i in range(n):
-      others = np.setdiff1d(np.arange(n), [i, (i + 1) % n])
-      succ[i] = np.concatenate([[i, (i + 1) % n], rng.choice(others, k - 2, replace=False)])
-    return succ, rng.dirichlet(np.ones(k), size=n)
+    return _transitions(self)
 
   def matrix(self) -> np.ndarray:
     """The dense transition matrix P (states, states), float64."""
@@ -71,10 +66,8 @@ class Chain:
     return p
 
   def stationary(self) -> np.ndarray:
-    """pi with pi P = pi: the left eigenvector of eigenvalue 1, normalised."""
-    w, v = np.linalg.eig(self.matrix().T)
-    pi = np.real(v[:, np.argmin(np.abs(w - 1.0))])
-    return pi / pi.sum()
+    """pi with pi P = pi and sum(pi) = 1 (unique: the chain is irreducible)."""
+    return _stationary(self)
 
   def entropy_rate(self) -> float:
     """H = -sum_i pi_i sum_j P_ij log P_ij, in nats per token."""
@@ -84,6 +77,32 @@ class Chain:
   def metadata(self) -> dict:
     return {"entropy_nats_per_token": self.entropy_rate(), "vocab_size": self.vocab_size,
             **dataclasses.asdict(self)}
+
+
+@functools.lru_cache(maxsize=8)
+def _transitions(chain: Chain):
+  rng = np.random.default_rng(np.random.SeedSequence((chain.seed, 0x5EED)))
+  n, k = chain.states, chain.branching
+  succ = np.empty((n, k), np.int64)
+  for i in range(n):
+    others = np.setdiff1d(np.arange(n), [i, (i + 1) % n])
+    succ[i] = np.concatenate([[i, (i + 1) % n], rng.choice(others, k - 2, replace=False)])
+  succ.flags.writeable = False
+  prob = rng.dirichlet(np.ones(k), size=n)
+  prob.flags.writeable = False
+  return succ, prob
+
+
+@functools.lru_cache(maxsize=8)
+def _stationary(chain: Chain):
+  # (P^T - I) pi = 0 with one equation replaced by sum(pi) = 1: a linear solve.
+  a = chain.matrix().T - np.eye(chain.states)
+  a[-1] = 1.0
+  b = np.zeros(chain.states)
+  b[-1] = 1.0
+  pi = np.linalg.solve(a, b)
+  pi.flags.writeable = False
+  return pi
 
 
 class Documents:

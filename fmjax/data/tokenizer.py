@@ -21,8 +21,6 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-from fmjax.data import kjv
-
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Pieces in every model: 4 special, "\n", "\t", 256 bytes, the corpus's 64 other characters.
 MIN_VOCAB_SIZE = 4 + 2 + 256 + 64
@@ -71,7 +69,7 @@ def load_or_train(data_dir: str, vocab_size: int, model_type: str = "bpe") -> To
   """The cached tokenizer for (vocab_size, model_type), trained first if missing."""
   path = model_path(data_dir, vocab_size, model_type)
   if not os.path.exists(path):
-    _write_atomically(path, train(data_dir, vocab_size, model_type))
+    write_atomically(path, train(data_dir, vocab_size, model_type))
   return Tokenizer(path)
 
 
@@ -94,6 +92,7 @@ def train(data_dir: str, vocab_size: int, model_type: str = "bpe") -> bytes:
   if vocab_size < MIN_VOCAB_SIZE:
     raise ValueError(f"vocab_size={vocab_size} is too small for a tokenizer with byte "
                      f"fallback; use at least {MIN_VOCAB_SIZE}")
+  from fmjax.data import kjv  # imported here: it loads tensorflow_datasets
   source = kjv.load_source(data_dir, "train")
   records = source.__getitems__(range(len(source)))
   verses = [line for r in records for line in r["text"].decode("utf-8").split("\n")]
@@ -129,7 +128,7 @@ def train_on(sentences: Iterable[str], vocab_size: int, model_type: str = "bpe",
   return model.getvalue()
 
 
-def _write_atomically(path: str, data: bytes):
+def write_atomically(path: str, data: bytes):
   """Writes via a temporary file and a rename, so readers never see half a file."""
   directory = os.path.dirname(path) or "."
   os.makedirs(directory, exist_ok=True)
