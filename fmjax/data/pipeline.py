@@ -64,10 +64,11 @@ class Prepare(grain.transforms.MapWithIndex):
   def __init__(self, tokenizer: Tokenizer, source: sources_lib.Source, max_doc_bytes: int,
                bad_utf8: str):
     self.tokenizer = tokenizer  # pickles as its model path, for worker processes
-    self.tokens, self.where = source.tokens, source.where
+    self.tokens, self.where, self.size = source.tokens, source.where, len(source.records)
     self.max_doc_bytes, self.bad_utf8 = max_doc_bytes, bad_utf8
 
   def map_with_index(self, i, record):
+    i %= self.size  # grain counts on through later epochs
     if self.tokens:
       ids = np.asarray(record["tokens"], np.int32)
       return {"tokens": ids} if len(ids) else {"skip": f"{self.where(i)}: empty document"}
