@@ -53,8 +53,7 @@ def latest_checkpoint(path: str) -> tuple[str, int]:
   path = os.path.abspath(os.path.expanduser(path))
   for directory in (os.path.join(path, "checkpoints"), path):
     if os.path.isdir(directory):
-      manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False))
+      manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
       step = manager.latest_step()
       manager.close()
       if step is not None:
@@ -70,9 +69,10 @@ def restore_params(path: str, abstract_params):
   parameter shapes must match.
   """
   directory, step = latest_checkpoint(path)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  target = {"params": abstract_params}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
   manager.close()
   return restored["state"]["params"]
