@@ -229,7 +229,10 @@ def train_dataset(d, tokenizer: Tokenizer, *, batch_size: int, process_index: in
     docs = documents(srcs[c.name], tokenizer, d).shuffle(seed=seed).repeat()
     stream = HostDocuments(docs, process_index, process_count, d.num_workers)
     rows[c.name] = pack(SkipBad(stream, c.name, d.max_skip_fraction), d.seq_len)
-  mixed = mixture_lib.ScheduledMix(rows, [(step * batch_size, w) for step, w in stages])
+  if len(stages) == 1 and len(rows) == 1:
+    mixed = rows[components[0].name]  # one source: nothing to mix
+  else:
+    mixed = mixture_lib.ScheduledMix(rows, [(step * batch_size, w) for step, w in stages])
   return _JsonState(mixed.batch(batch_size, drop_remainder=True))
 
 
