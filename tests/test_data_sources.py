@@ -226,3 +226,27 @@ def test_resume_into_another_number_of_workers(data_dir, tok):
   pipeline.restore_iterator_state(again, state)
   assert_batches_equal(take(again, 3), straight[5:8])
   again.close()
+
+
+def test_train_tokenizer_tool(data_dir, tmp_path, capsys):
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                      "train_tokenizer.py")
+  spec = importlib.util.spec_from_file_location("train_tokenizer", path)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  from fmjax.data import kjv
+  kjv.load_source(data_dir, "validation")  # built, for the tfds(...) source
+  out = str(tmp_path / "small.model")
+  mixture_arg = f"tfds(kjv, data_dir={data_dir}, train=validation)"  # 59 chapters
+  assert tool.main([f"--mixture={mixture_arg}", f"--data_dir={data_dir}", "--vocab_size=400",
+                    "--model_type=unigram", f"--out={out}"]) == 0
+  assert "exact round trip on 50 validation documents" in capsys.readouterr().out
+  tok = tokenizer_lib.from_config(data_cfg(data_dir, tokenizer_path=out), 512)
+  assert tok.vocab_size == 400 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
+  text = "  Ünïcödé\tand\n\nspaces  "
+  assert tok.decode(tok.encode(text)) == text
+  with pytest.raises(ValueError, match="has 400 pieces but the model's vocab_size is 384"):
+    pipeline.check_vocab(tok, 384)
+  assert tool.main(["--mixture=synthetic", "--vocab_size=400", f"--out={out}"]) == 2
+  assert "holds token ids already" in capsys.readouterr().err
