@@ -31,7 +31,7 @@ def get_config(arg=None):
   del arg
   c = config.base()
   c.model.update(vocab_size=1024, depth=2, aspect_ratio=32, head_dim=16, tie_embeddings=False)
-  c.data.update(name="kjv", seq_len=128, eval_batches=16)
+  c.data.update(mixture="kjv", seq_len=128, eval_batches=16)
   c.optimizer.update(lr=3e-3, schedule="cosine", warmup_steps=20, weight_decay=0.1)
   c.mesh.update(data=1, cpu_devices=1)
   c.train.update(flops=BUDGETS[0], batch_size=16, log_every=10, eval_every=0,
