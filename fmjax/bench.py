@@ -3,6 +3,9 @@
   python -m fmjax.bench --config=experiments/<file>.py[:arg] [--config.x=y ...] \
       [--steps=10] [--warmup=2] [--json=PATH]
 
+`--steps=0` only compiles: FLOPs, memory and compile time, with nothing
+allocated (a model too big for this machine can still be sized).
+
 Builds the experiment's real train step (`fmjax.train.setup` and
 `make_train_step`, so every model and objective the config can name is
 measured the same way), compiles it, and runs it on a fixed synthetic batch.
@@ -28,6 +31,7 @@ Host data loading is not part of the measurement: the batch is made once.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -39,7 +43,7 @@ from absl import flags
 
 from fmjax import cli
 
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; 0 only compiles (FLOPs, memory).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing starts.")
 _JSON = flags.DEFINE_string("json", None, "Also write the JSON record to this file.")
 
@@ -97,49 +101,63 @@ def xla_flops(compiled) -> float | None:
 
 
 def time_steps(step, state, batch, n: int):
-  """(state, [seconds between successive step completions]) over n steps.
+  """(state, [seconds from one step's completion to the next's], last step's statistics).
 
   Step i is dispatched before step i-1 is waited for, so the device never
-  idles on the host, and never more than two steps are in flight.
+  idles on the host between them, and never more than two steps are in
+  flight. The first step is timed from its dispatch.
   """
   import jax
 
   times, pending = [], None
   last = time.perf_counter()
-  for _ in range(n + 1):
+  for _ in range(n):
     state, metrics = step(state, batch)
     if pending is not None:
       jax.block_until_ready(pending)
       now = time.perf_counter()
       times.append(now - last)
       last = now
-    else:
-      last = time.perf_counter()
     pending = metrics
   jax.block_until_ready(pending)
-  # The first step's own duration is not measured: its start is only known to the device.
+  times.append(time.perf_counter() - last)
   return state, times, jax.device_get(pending)
 
 
-def measure(cfg, steps: int = 10, warmup: int = 2, devices=None, peak=None) -> dict:
-  """The benchmark record of `cfg` (see the module docstring).
+@dataclasses.dataclass
+class Compiled:
+  """A config's train step, compiled, with a state and a batch to run it on."""
+  cfg: object
+  setup: object  # fmjax.train.Setup
+  step: object  # the compiled executable
+  state: dict
+  batch: dict
+  abstract_batch: dict
+  lower_s: float
+  compile_s: float
+  last_stats: dict | None = None  # the statistics of the last step run
 
-  `devices` defaults to all; `peak` (FLOP/s, source) skips the peak measurement.
+  def run(self, n: int) -> list[float]:
+    """Runs n more steps; returns their times (see `time_steps`)."""
+    import jax
+
+    with jax.set_mesh(self.setup.mesh):
+      self.state, times, self.last_stats = time_steps(self.step, self.state, self.batch, n)
+    return times
+
+
+def compile_step(cfg, devices=None, materialize: bool = True) -> Compiled:
+  """Lowers and compiles `cfg`'s train step (timed), and makes its state and batch.
+
+  With `materialize=False` nothing is allocated: only the executable exists.
   """
   import jax
-  import numpy as np
 
-  from fmjax import cost, objectives, train
-  from fmjax import params as params_lib
   from fmjax import sharding as sharding_lib
+  from fmjax import train
 
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   s = train.setup(cfg, mesh)
-  n_devices = mesh.devices.size
-  dtype = cfg.model.dtype
-  measured_peak = peak is None
-  if measured_peak:
-    peak = _peak(dtype, n_devices)
   batch_np = synthetic_batch(cfg)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding)
                     for k, v in batch_np.items()}
@@ -149,40 +167,68 @@ def measure(cfg, steps: int = 10, warmup: int = 2, devices=None, peak=None) -> d
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
-    state = train.init_state(s, cfg.train.seed)
-    batch = train.global_batch(batch_np, s.batch_sharding)
-    state, _, _ = time_steps(compiled, state, batch, max(warmup - 1, 0))
-    state, times, stats = time_steps(compiled, state, batch, steps)
-    del state
-  if measured_peak and peak[1].startswith("measured"):  # again, after: the best of both
-    again = _peak(dtype, n_devices)
-    peak = max(peak, again)
+    state = train.init_state(s, cfg.train.seed) if materialize else None
+    batch = train.global_batch(batch_np, s.batch_sharding) if materialize else None
+  return Compiled(cfg, s, compiled, state, batch, abstract_batch,
+                  lowered_at - start, compiled_at - lowered_at)
 
+
+def measure(cfg, steps: int = 10, warmup: int = 2, devices=None, peak=None) -> dict:
+  """The benchmark record of `cfg` (see the module docstring).
+
+  `devices` defaults to all; `peak` (FLOP/s, source) skips the peak measurement.
+  With `steps=0` the step is only compiled: the record has its compile time,
+  FLOPs and memory, and no timings.
+  """
+  c = compile_step(cfg, devices, materialize=steps > 0)
+  if not steps:
+    return record(c, [], None)
+  n_devices = c.setup.mesh.devices.size
+  measured_peak = peak is None
+  if measured_peak:
+    peak = device_peak(cfg.model.dtype, n_devices)
+  if warmup:
+    c.run(warmup)
+  times = c.run(steps)
+  if measured_peak and peak[1].startswith("measured"):  # again, after: the best of both
+    peak = max(peak, device_peak(cfg.model.dtype, n_devices))
+  return record(c, times, peak)
+
+
+def record(c: Compiled, times, peak) -> dict:
+  """The JSON record of compiled step `c` that ran in `times`, against `peak`."""
+  import jax
+  import numpy as np
+
+  from fmjax import cost, objectives
+  from fmjax import params as params_lib
+
+  cfg, s = c.cfg, c.setup
+  n_devices = s.mesh.devices.size
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  step_time = statistics.median(times)
-  tokens_per_s = tokens_per_step / step_time
   flops_per_token = cost.flops_per_token(cfg.model, cfg.data.seq_len)
-  compiled_flops = xla_flops(compiled)
-  state_per_device = bytes_per_device(s.abstract_state)
-  batch_per_device = bytes_per_device(abstract_batch)
-  record = {
+  step_time = statistics.median(times) if times else None
+  tokens_per_s = tokens_per_step / step_time if times else None
+  flops_per_s = tokens_per_s * flops_per_token if times else None
+  compiled_flops = xla_flops(c.step)
+  out = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "jax": jax.__version__,
       "platform": jax.devices()[0].platform,
       "device_kind": jax.devices()[0].device_kind,
       "devices": n_devices,
-      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "mesh": {k: int(v) for k, v in s.mesh.shape.items()},
       "params": params_lib.count(s.decls),
-      "dtype": dtype,
+      "dtype": cfg.model.dtype,
       "remat": cfg.model.remat,
+      "ce_chunk": cfg.objective.ce_chunk,
       "batch_size": cfg.train.batch_size,
       "seq_len": cfg.data.seq_len,
       "microbatches": cfg.train.microbatches,
       "tokens_per_step": tokens_per_step,
-      "lower_s": lowered_at - start,
-      "compile_s": compiled_at - lowered_at,
-      "steps": steps,
-      "warmup": warmup,
+      "lower_s": c.lower_s,
+      "compile_s": c.compile_s,
+      "steps": len(times),
       "step_times_s": times,
       "step_time_s": step_time,
       "tokens_per_s": tokens_per_s,
@@ -190,22 +236,22 @@ def measure(cfg, steps: int = 10, warmup: int = 2, devices=None, peak=None) -> d
       # XLA counts a while loop's body once: with model.scan_layers this is not the step's total.
       "xla_flops_per_token": compiled_flops / tokens_per_step * n_devices
                              if compiled_flops is not None else None,
-      "model_flops_per_s": tokens_per_s * flops_per_token,
-      "peak_flops": peak[0],
-      "peak_source": peak[1],
-      "mfu": tokens_per_s * flops_per_token / peak[0],
-      "memory_per_device": memory_per_device(compiled),
-      "state_bytes_per_device": state_per_device,
+      "model_flops_per_s": flops_per_s,
+      "peak_flops": peak[0] if peak else None,
+      "peak_source": peak[1] if peak else None,
+      "mfu": flops_per_s / peak[0] if times else None,
+      "memory_per_device": memory_per_device(c.step),
+      "state_bytes_per_device": bytes_per_device(s.abstract_state),
       "state_bytes_total": bytes_total(s.abstract_state),
-      "batch_bytes_per_device": batch_per_device,
-      "loss": objectives.summarize(stats)["loss"],
+      "batch_bytes_per_device": bytes_per_device(c.abstract_batch),
+      "loss": objectives.summarize(c.last_stats)["loss"] if c.last_stats else None,
   }
-  if not np.isfinite(record["loss"]):
-    raise FloatingPointError(f"the benchmarked step's loss is {record['loss']}")
-  return record
+  if times and not np.isfinite(out["loss"]):
+    raise FloatingPointError(f"the benchmarked step's loss is {out['loss']}")
+  return out
 
 
-def _peak(dtype: str, n_devices: int) -> tuple[float, str]:
+def device_peak(dtype: str, n_devices: int) -> tuple[float, str]:
   """Peak FLOP/s of `n_devices` devices: datasheet x n, or the measured host peak on a CPU."""
   from fmjax import cost
 
@@ -229,24 +275,28 @@ def table(r: dict) -> str:
   xla = r["xla_flops_per_token"]
   rows = [
       ("device", f"{r['devices']} x {r['device_kind']} ({r['platform']}), mesh {mesh}"),
-      ("model", f"{r['params']:,} parameters, {r['dtype']}, remat {r['remat']}"),
+      ("model", f"{r['params']:,} parameters, {r['dtype']}, remat {r['remat']}, "
+                f"ce_chunk {r['ce_chunk']}"),
       ("batch", f"{r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step"),
       ("compile", f"{r['lower_s']:.2f} s lower + {r['compile_s']:.2f} s compile"),
-      ("step time", f"{r['step_time_s'] * 1e3:,.1f} ms (median of {r['steps']}, "
-                    f"min {min(r['step_times_s']) * 1e3:,.1f}, "
-                    f"max {max(r['step_times_s']) * 1e3:,.1f})"),
-      ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
       ("FLOPs/token", f"{r['flops_per_token'] / 1e6:,.2f} MFLOP (model)" +
                       (f", {xla / 1e6:,.2f} MFLOP (XLA cost analysis)" if xla else "")),
-      ("achieved", f"{r['model_flops_per_s'] / 1e9:,.1f} GFLOP/s"),
-      ("peak", f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})"),
-      ("MFU", f"{r['mfu']:.1%}"),
       ("state/device", f"{_gib(r['state_bytes_per_device'])} params + optimizer "
                        f"({_gib(r['state_bytes_total'])} in all)"),
   ]
   if mem:
     rows.append(("memory/device", f"peak {_gib(mem['peak_bytes'])}: arguments "
                  f"{_gib(mem['argument_bytes'])}, temporaries {_gib(mem['temp_bytes'])}"))
+  if r["step_time_s"] is not None:
+    rows += [
+        ("step time", f"{r['step_time_s'] * 1e3:,.1f} ms (median of {r['steps']}, "
+                      f"min {min(r['step_times_s']) * 1e3:,.1f}, "
+                      f"max {max(r['step_times_s']) * 1e3:,.1f})"),
+        ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        ("achieved", f"{r['model_flops_per_s'] / 1e9:,.1f} GFLOP/s"),
+        ("peak", f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})"),
+        ("MFU", f"{r['mfu']:.1%}"),
+    ]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -255,8 +305,8 @@ def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   try:
     cfg = cli.parse_config(argv)
-    if _STEPS.value < 1 or _WARMUP.value < 0:
-      raise cli.UsageError("--steps must be >= 1 and --warmup >= 0")
+    if _STEPS.value < 0 or _WARMUP.value < 0:
+      raise cli.UsageError("--steps and --warmup must be >= 0")
   except cli.UsageError as e:
     print(f"fmjax: {e}", file=sys.stderr)
     return 2

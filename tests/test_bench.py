@@ -164,6 +164,16 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path):
     assert label in r.stderr
 
 
+def test_compile_only_sizes_a_model_without_running_it():
+  cfg = tiny_config()
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  r = bench.measure(cfg, steps=0, devices=jax.devices()[:1])
+  assert r["step_time_s"] is None and r["mfu"] is None and r["loss"] is None
+  assert r["memory_per_device"]["argument_bytes"] == pytest.approx(
+      r["state_bytes_per_device"] + r["batch_bytes_per_device"], rel=1e-3)
+  assert "MFU" not in bench.table(r)
+
+
 def test_bench_command_rejects_a_bad_config(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)
   r = subprocess.run(

@@ -18,7 +18,6 @@ import tempfile
 
 import sentencepiece as spm
 
-from fmjax.data import kjv
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # Pieces in every model: 4 special, "\n", "\t", 256 bytes, the corpus's 64 other characters.
@@ -80,6 +79,8 @@ def train(data_dir: str, vocab_size: int, model_type: str = "bpe") -> bytes:
   if vocab_size < MIN_VOCAB_SIZE:
     raise ValueError(f"vocab_size={vocab_size} is too small for a tokenizer with byte "
                      f"fallback; use at least {MIN_VOCAB_SIZE}")
+  from fmjax.data import kjv  # here, not at the top: config validation needs no TFDS
+
   source = kjv.load_source(data_dir, "train")
   records = source.__getitems__(range(len(source)))
   verses = [line for r in records for line in r["text"].decode("utf-8").split("\n")]
