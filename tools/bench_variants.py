@@ -5,7 +5,9 @@
       base  chunk128:objective.ce_chunk=128  dots:model.remat=dots,objective.ce_chunk=128
 
 Each variant is `name[:field=value,...]` (fields as in --config.field=value).
-All variants are compiled first; then each round runs `--steps` steps of every
+A variant whose mesh names every axis size runs on the first that many devices,
+so one process with 8 fake CPU devices can compare 1 device against 8:
+`one:mesh.data=1,mesh.fsdp=1,mesh.tensor=1`. All variants are compiled first; then each round runs `--steps` steps of every
 variant in turn, so on a shared machine load that comes and goes falls on all
 of them alike. Prints, per variant: the median and best step time over all
 rounds, the ratio to the first variant, MFU against the best matmul peak
@@ -18,6 +20,7 @@ import argparse
 import ast
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -63,21 +66,29 @@ def main() -> int:
   p.add_argument("variants", nargs="+")
   a = p.parse_args()
 
-  from fmjax import bench, cli
+  from fmjax import bench
 
   base = load_config(a.config)
   variants = []
   for v in a.variants:
     name, _, overrides = v.partition(":")
     variants.append((name, apply(base, overrides)))
-  cli.start_jax(variants[0][1])
-  for _, cfg in variants[1:]:
-    cli.start_jax(cfg)  # validates; the device count is already fixed
+  from fmjax import config as config_lib, xla_flags
+
+  xla_flags.apply()
+  import jax
+
+  cpu_devices = max(int(cfg.mesh.cpu_devices) for _, cfg in variants)
+  if cpu_devices:
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
   dtype = variants[0][1].model.dtype
   peaks = [bench.device_peak(dtype, 1)]
   compiled = []
   for name, cfg in variants:
-    c = bench.compile_step(cfg)
+    sizes = [int(cfg.mesh[a]) for a in config_lib.MESH_AXES]
+    n = math.prod(sizes) if -1 not in sizes else jax.device_count()
+    config_lib.validate(cfg, n)
+    c = bench.compile_step(cfg, jax.devices()[:n])
     c.run(1)  # warm-up
     compiled.append((name, c))
     print(f"compiled {name}: {c.compile_s:.1f} s", file=sys.stderr, flush=True)
