@@ -10,13 +10,13 @@ field stops the run with a one-line error and leaves the workdir untouched.
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from fmjax.workdir import RESUMABLE_CHANGES, config_changes  # noqa: F401  (part of the CLI's API)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/pretrain_tiny.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and records.")
@@ -24,33 +24,9 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose saved config differs in fields "
     "that change the run's results.")
 
-# Fields that may differ when resuming: they change how a run is carried out,
-# not what it computes.
-RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.eval_every",
-                     "train.sample_", "checkpoint.", "mesh.", "sharding.", "data.num_workers",
-                     "data.data_dir", "model.remat", "model.scan_layers")
-
 
 class UsageError(Exception):
   pass
-
-
-def _flatten(d, prefix=""):
-  for k, v in d.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-  """'field: old -> new' for every leaf that differs and may not differ on resume."""
-  a, b = dict(_flatten(old)), dict(_flatten(new))
-  changed = []
-  for key in sorted(set(a) | set(b)):
-    if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
-      changed.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-  return changed
 
 
 def parse_flags(argv):
@@ -96,18 +72,13 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", int(cfg.mesh.cpu_devices))
   try:
     config_lib.validate(cfg, jax.device_count())
-    saved = os.path.join(workdir, "config.json")
-    if os.path.exists(saved) and not _ALLOW_CONFIG_CHANGE.value:
-      with open(saved) as f:
-        changes = config_changes(json.load(f), cfg.to_dict())
-      if changes:
-        raise config_lib.ConfigError(
-            f"{workdir} was made by a different config ({'; '.join(changes)}); use a new "
-            "--workdir, or pass --allow_config_change to resume anyway")
-    loop.run(cfg, workdir)  # raises ConfigError only before it writes anything
-  except config_lib.ConfigError as e:
+    loop.run(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except config_lib.ConfigError as e:  # raised before anything in the workdir is written
     print(f"fmjax: config error: {e}", file=sys.stderr)
     return 2
+  except loop.RUN_ERRORS as e:
+    print(f"fmjax: error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 
