@@ -2,8 +2,8 @@
 
 An orbax CheckpointManager writes each step asynchronously into a temporary
 directory and renames it when complete, so a process killed mid-save leaves
-no half checkpoint under a step's name; the leftover temporary directory is
-removed when the next Checkpointer opens the directory. It keeps the last
+no half checkpoint under a step's name; the trainer that opens the directory
+next (`cleanup=True`, under the workdir lock) removes the leftover. It keeps the last
 `checkpoint.keep` steps. A restore takes its target shardings from the caller,
 so a run can resume on a mesh of a different shape.
 
@@ -55,13 +55,15 @@ class Restored:
 
 class Checkpointer:
 
-  def __init__(self, directory, keep: int, async_save: bool = True):
+  def __init__(self, directory, keep: int, async_save: bool = True, cleanup: bool = False):
+    """`cleanup` removes temporary directories of interrupted saves: only for the one
+    process that writes checkpoints here (a reader would delete a running save)."""
     self.directory = os.path.abspath(directory)  # orbax requires absolute paths
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True),
+            cleanup_tmp_directories=cleanup),
     )
     self._undigested = None  # the step whose save may still be running
 
@@ -115,6 +117,7 @@ class Checkpointer:
     Raises ConfigError if the checkpoints hold arrays of other shapes than
     `abstract_state` (a changed model), CheckpointError if none is usable.
     """
+    self.wait()  # a save still being written is not a damaged checkpoint
     bad = []
     for step in reversed(self.all_steps()):
       problem = self.verify(step)

@@ -9,6 +9,8 @@ for non-finite steps and loss spikes.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import os
 import sys
@@ -29,9 +31,27 @@ def config_hash(cfg) -> str:
   return hashlib.sha256(config_lib.to_json(cfg).encode()).hexdigest()[:12]
 
 
+class DataError(RuntimeError):
+  """The corpus or tokenizer files under data.data_dir cannot be read."""
+
+
 # What stops a run after its config passed: each with a one-line message.
-RUN_ERRORS = (workdir_lib.WorkdirLocked, checkpoint_lib.CheckpointError,
+RUN_ERRORS = (DataError, workdir_lib.WorkdirLocked, checkpoint_lib.CheckpointError,
               checkpoint_lib.NonFiniteCheckpoint, guard_lib.NonFiniteError)
+
+
+@contextlib.contextmanager
+def _data_errors(data_dir):
+  """Turns a failure to read or build the data into a one-line DataError."""
+  try:
+    yield
+  except config_lib.ConfigError:
+    raise
+  except Exception as e:  # sentencepiece, tfds, array_record and grain raise many kinds
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise DataError(f"data.data_dir={data_dir}: cannot read the corpus or tokenizer there "
+                    f"({type(e).__name__}: {first}); delete the damaged files to have them "
+                    "rebuilt, or point data.data_dir elsewhere") from e
 
 
 def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
@@ -46,25 +66,34 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   s = train.setup(cfg, mesh)  # raises ConfigError on a sharding that cannot work
   data_dir = os.path.expanduser(d.data_dir)
-  tok = tokenizer_lib.load_or_train(data_dir, cfg.model.vocab_size, d.tokenizer)
-  try:
-    pipeline.check_vocab(tok, cfg.model.vocab_size)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  per_host_batch = t.batch_size // jax.process_count()
-  train_iter = iter(pipeline.train_dataset(
-      data_dir, tok, seq_len=d.seq_len, batch_size=per_host_batch, seed=d.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=d.num_workers))
-  eval_data = pipeline.eval_batches(data_dir, tok, seq_len=d.seq_len,
-                                    batch_size=per_host_batch, num_batches=d.eval_batches)
+  with _data_errors(data_dir):
+    tok = tokenizer_lib.load_or_train(data_dir, cfg.model.vocab_size, d.tokenizer)
+    try:
+      pipeline.check_vocab(tok, cfg.model.vocab_size)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    per_host_batch = t.batch_size // jax.process_count()
+    train_iter = iter(pipeline.train_dataset(
+        data_dir, tok, seq_len=d.seq_len, batch_size=per_host_batch, seed=d.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=d.num_workers))
+    eval_data = pipeline.eval_batches(data_dir, tok, seq_len=d.seq_len,
+                                      batch_size=per_host_batch, num_batches=d.eval_batches)
+    _probe(train_iter)
 
   os.makedirs(workdir, exist_ok=True)
   with workdir_lib.lock(workdir), checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
-      async_save=cfg.checkpoint.async_save) as ckpt:
+      async_save=cfg.checkpoint.async_save, cleanup=True) as ckpt:
     workdir_lib.check_config(workdir, cfg.to_dict(), allow_config_change)
     return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started)
+
+
+def _probe(iterator):
+  """Reads one batch and rewinds: damaged data is reported as such now, not at restore."""
+  position = copy.deepcopy(iterator.get_state())
+  next(iterator)
+  iterator.set_state(position)
 
 
 def _warn(message: str):

@@ -34,7 +34,10 @@ def parse_flags(argv):
   try:
     flags.FLAGS(argv)
   except flags.Error as e:
-    raise UsageError(str(e).splitlines()[0]) from None
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Traceback"):  # the experiment file raised
+      lines[0] += f" {lines[-1].strip()}"
+    raise UsageError(lines[0]) from None
   except (AttributeError, KeyError) as e:
     bad = [a for a in argv if a.startswith("--config.")]
     raise UsageError(f"unknown config field in {' '.join(bad) or argv}: {e}; "
@@ -66,13 +69,20 @@ def main(argv=None) -> int:
 
   import jax  # imported late: the number of fake CPU devices must be set first
 
-  from fmjax import config as config_lib, loop
-
   if cfg.get("mesh") and cfg.mesh.get("cpu_devices"):
     jax.config.update("jax_num_cpu_devices", int(cfg.mesh.cpu_devices))
+  return train(cfg, workdir, _ALLOW_CONFIG_CHANGE.value)
+
+
+def train(cfg, workdir: str, allow_config_change: bool = False) -> int:
+  """Validates and trains `cfg`; returns the exit status, printing a one-line error if not 0."""
+  import jax
+
+  from fmjax import config as config_lib, loop
+
   try:
     config_lib.validate(cfg, jax.device_count())
-    loop.run(cfg, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    loop.run(cfg, workdir, allow_config_change=allow_config_change)
   except config_lib.ConfigError as e:  # raised before anything in the workdir is written
     print(f"fmjax: config error: {e}", file=sys.stderr)
     return 2
