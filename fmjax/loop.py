@@ -1,7 +1,7 @@
 """The training loop: data in, steps, records, evaluations and checkpoints out.
 
 A run holds its workdir's lock and resumes from the latest usable checkpoint
-there (see fmjax.checkpoint); nothing in the workdir is written before that
+there (see fmjax.checkpoint); no file in the workdir is written before that
 restore has succeeded. Metrics of step t are fetched only after step t+1 has
 been dispatched, so the device never waits on logging; fmjax.guard reads them
 for non-finite steps and loss spikes.

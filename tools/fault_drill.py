@@ -24,7 +24,9 @@ every EVERY steps, on 8 fake CPU devices. The drills:
 - injected NaN: FMJAX_INJECT_NAN_BATCHES poisons batches under each policy
   (skip, restore, halt). Survived: skip and restore finish with finite
   parameters and the bad steps counted; halt stops with exit 1 and a message;
-  no checkpoint on disk holds a non-finite value.
+  no checkpoint on disk holds a non-finite value. One more trial kills the
+  restore run just after its restore: survived if the restart ends with the
+  same parameters as the uninterrupted restore run.
 
 Steps recomputed: steps a killed or corrupted run had logged beyond the
 checkpoint its restart resumed from (for restore: the steps thrown away).
@@ -33,6 +35,7 @@ checkpoint its restart resumed from (for restore: the steps thrown away).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import glob
 import hashlib
@@ -99,8 +102,10 @@ class Drills:
             f"--workdir={workdir}", f"--config.data.data_dir={self.data_dir}", *flags]
 
   def start(self, workdir, *flags, env=None):
-    return subprocess.Popen(self.command(workdir, *flags), cwd=REPO, env=self._env(env),
+    proc = subprocess.Popen(self.command(workdir, *flags), cwd=REPO, env=self._env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    atexit.register(lambda: proc.poll() is None and proc.kill())  # if the drill itself stops
+    return proc
 
   def train(self, workdir, *flags, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(self.command(workdir, *flags), cwd=REPO, env=self._env(env),
@@ -178,7 +183,7 @@ class Drills:
   def sigkill_during_save(self, trials: int) -> Row:
     row = Row("SIGKILL during a checkpoint save")
     for i in range(trials):
-      target = EVERY * (1 + i % (STEPS // EVERY - 1))  # a different save each trial
+      target = EVERY * (2 + i % (STEPS // EVERY - 1))  # 8, 12, 16 (the final save), ...
       workdir = self.fresh(f"kill_save_{i}")
       proc = self.start(workdir)
       pattern = os.path.join(workdir, "checkpoints", f"{target}.orbax-checkpoint-tmp*")
@@ -231,7 +236,7 @@ class Drills:
     row.add(ok, note="all damaged: refused")
     return row
 
-  def nan_injected(self, policies=("skip", "restore", "halt")) -> Row:
+  def nan_injected(self, policies=("skip", "restore", "halt"), kill_after_restore=True) -> Row:
     row = Row("injected NaN")
     for policy in policies:
       workdir = self.fresh(f"nan_{policy}")
@@ -256,7 +261,30 @@ class Drills:
       self.log(f"  {policy}: exit {r.returncode}, checkpoints finite: {finite}; "
                f"{'ok' if ok else 'FAILED: ' + r.stderr[-500:]}")
       row.add(ok, recomputed)
+      if policy == "restore" and kill_after_restore:
+        row.add(*self._kill_after_restore(workdir, bad))
     return row
+
+  def _kill_after_restore(self, uninterrupted, bad):
+    """The restore run again, killed after its restore; the restart must end the same."""
+    workdir = self.fresh("nan_restore_killed")
+    flags = ["--config.train.nonfinite=restore", "--config.train.nonfinite_max_consecutive=2"]
+    env = {"FMJAX_INJECT_NAN_BATCHES": ",".join(map(str, bad))}
+    proc = self.start(workdir, *flags, env=env)
+    def restored():
+      return [x["step"] for x in _records(workdir) if x.get("event")]
+    while proc.poll() is None and not (restored() and _last_step(workdir) > restored()[0]):
+      time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    logged = _last_step(workdir)
+    r = self.train(workdir, *flags, env=env)
+    resumed = re.search(r"resuming from checkpoint (\d+)", r.stdout)
+    resumed = int(resumed.group(1)) if resumed else 0
+    ok = r.returncode == 0 and _equal(final_params(workdir), final_params(uninterrupted))
+    self.log(f"  restore, killed after the restore at step {logged}: resumed from {resumed}; "
+             f"final parameters {'equal' if ok else 'DIFFERENT'} to the uninterrupted run's")
+    return ok, max(logged - resumed, 0)
 
 
 # -- damage ------------------------------------------------------------------------
