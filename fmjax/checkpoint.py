@@ -1,47 +1,230 @@
-"""Checkpoints: train state and data-iterator position, saved together.
+"""Checkpoints: train state, data-iterator position and run progress, saved together.
 
-An orbax CheckpointManager writes each step asynchronously and keeps the last
-`checkpoint.keep`. A restore takes its target shardings from the caller, so a
-run can resume on a mesh of a different shape.
+An orbax CheckpointManager writes each step asynchronously into a temporary
+directory and renames it when complete, so a process killed mid-save leaves
+no half checkpoint under a step's name; the trainer that opens the directory
+next (`cleanup=True`, under the workdir lock) removes the leftover. It keeps the last
+`checkpoint.keep` steps. A restore takes its target shardings from the caller,
+so a run can resume on a mesh of a different shape.
+
+Orbax does not notice every corruption: a flipped byte inside an array chunk
+restores silently as a wrong value. So once a save has completed, a digest of
+its files (size and SHA-256 of each) is written beside them, and
+`restore_latest` checks it before restoring. A checkpoint that fails the
+check, or whose restore fails, is moved to `<directory>.corrupt/` with a
+warning that names the problem, and the one before it is tried. If none is
+usable, it raises CheckpointError: a run never starts from scratch over
+checkpoints it could not read.
+
+A state with a non-finite value is never written (NonFiniteCheckpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import shutil
 
 import grain
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+
+from fmjax import config as config_lib
+
+DIGEST = "fmjax_digest.json"
+
+
+class CheckpointError(RuntimeError):
+  """The workdir has checkpoints, and none of them can be restored."""
+
+
+class NonFiniteCheckpoint(RuntimeError):
+  """A state with NaN or Inf values was about to be checkpointed."""
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: dict
+  progress: dict  # what the loop saved beside the state (empty if nothing)
 
 
 class Checkpointer:
 
-  def __init__(self, directory, keep: int, async_save: bool = True):
+  def __init__(self, directory, keep: int, async_save: bool = True, cleanup: bool = False):
+    """`cleanup` removes temporary directories of interrupted saves: only for the one
+    process that writes checkpoints here (a reader would delete a running save)."""
+    self.directory = os.path.abspath(directory)  # orbax requires absolute paths
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),  # orbax requires absolute paths
+        self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=cleanup),
     )
+    self._undigested = None  # the step whose save may still be running
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator=None, force: bool = False) -> bool:
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iterator=None, progress: dict | None = None,
+           force: bool = False) -> bool:
+    if not _all_finite(state):
+      raise NonFiniteCheckpoint(f"the state at step {step} has NaN or Inf values; "
+                                "it was not checkpointed")
+    self._write_pending_digest()  # orbax finishes the previous save before starting one
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if progress is not None:
+      items["progress"] = ocp.args.JsonSave(progress)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._undigested = step
+      if not self.manager.is_saving_in_progress():
+        self._write_pending_digest()
+    return saved
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """State restored onto the shardings in `abstract_state`; the iterator in place."""
+    return self._restore(step, abstract_state, data_iterator).state
+
+  def _restore(self, step, abstract_state, data_iterator) -> Restored:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    has_progress = os.path.isdir(os.path.join(self._path(step), "progress"))
+    if has_progress:
+      items["progress"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return Restored(step, out["state"], dict(out["progress"]) if has_progress else {})
+
+  def restore_latest(self, abstract_state, data_iterator=None, warn=print) -> Restored | None:
+    """The newest checkpoint that passes its digest and restores; None if there are none.
+
+    Raises ConfigError if the checkpoints hold arrays of other shapes than
+    `abstract_state` (a changed model), CheckpointError if none is usable.
+    """
+    self.wait()  # a save still being written is not a damaged checkpoint
+    bad = []
+    for step in reversed(self.all_steps()):
+      problem = self.verify(step)
+      if problem is None:
+        problem = self._check_shapes(step, abstract_state)
+      if problem is None:
+        try:
+          restored = self._restore(step, abstract_state, data_iterator)
+        except Exception as e:  # orbax, tensorstore and grain raise many kinds
+          problem = f"restoring it failed: {type(e).__name__}: {_first_line(e)}"
+      if problem is None:
+        for b in bad:
+          self._quarantine(b)
+        if bad:
+          self.manager.reload()
+          warn(f"resuming from checkpoint {step}; the newer ones were moved to "
+               f"{self.directory}.corrupt/")
+        return restored
+      warn(f"warning: checkpoint {step} in {self.directory} is unusable: {problem}")
+      bad.append(step)
+    if bad:
+      raise CheckpointError(
+          f"no usable checkpoint in {self.directory} (tried steps "
+          f"{', '.join(map(str, bad))}; see the warnings above); nothing was changed. To "
+          "start from scratch, move that directory away")
+    return None
+
+  def verify(self, step: int) -> str | None:
+    """What is wrong with checkpoint `step`'s files, per its digest; None if nothing.
+
+    A checkpoint without a digest (one written before digests, or whose
+    process was killed between the save and its digest) passes: orbax's own
+    checks at restore are all it gets.
+    """
+    path = self._path(step)
+    try:
+      with open(os.path.join(path, DIGEST)) as f:
+        expected = json.load(f)["files"]
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError, KeyError) as e:
+      return f"its digest {DIGEST} is unreadable ({type(e).__name__}: {_first_line(e)})"
+    for name, (size, sha) in sorted(expected.items()):
+      file = os.path.join(path, name)
+      if not os.path.isfile(file):
+        return f"{name} is missing"
+      actual = os.path.getsize(file)
+      if actual != size:
+        return f"{name} has {actual} bytes, {size} when saved (truncated or overwritten)"
+      if _sha256(file) != sha:
+        return f"{name} has different bytes than when it was saved (corrupted)"
+    return None
+
+  def _check_shapes(self, step, abstract_state) -> str | None:
+    """Raises ConfigError if the saved arrays' names or shapes differ from `abstract_state`'s."""
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self._path(step)) / "state").tree
+      saved_shapes = _shapes(saved)
+    except Exception as e:
+      return f"its metadata is unreadable ({type(e).__name__}: {_first_line(e)})"
+    wanted = _shapes(abstract_state)
+    for name in sorted(set(saved_shapes) | set(wanted), key=lambda n: (n[:7] != "params/", n)):
+      if saved_shapes.get(name) != wanted.get(name):
+        have, need = saved_shapes.get(name, "no array"), wanted.get(name, "no array")
+        raise config_lib.ConfigError(
+            f"checkpoint {step} in {self.directory} has shape {have} for {name} but the "
+            f"config needs {need}: the model or optimizer changed, so the run cannot resume "
+            "from these checkpoints; use a new --workdir")
+    return None
+
+  def _quarantine(self, step):
+    target = os.path.join(self.directory + ".corrupt", str(step))
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(self._path(step), target)
+
+  def _path(self, step) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _write_pending_digest(self):
+    if self._undigested is None:
+      return
+    self.manager.wait_until_finished()
+    step, self._undigested = self._undigested, None
+    if jax.process_index() != 0 or not os.path.isdir(self._path(step)):
+      return
+    path = self._path(step)
+    files = {}
+    for root, _, names in os.walk(path):
+      for n in names:
+        file = os.path.join(root, n)
+        rel = os.path.relpath(file, path)
+        if rel != DIGEST:
+          files[rel] = [os.path.getsize(file), _sha256(file)]
+    tmp = os.path.join(path, DIGEST + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump({"files": files}, f, indent=0, sort_keys=True)
+    os.replace(tmp, os.path.join(path, DIGEST))
 
   def wait(self):
+    self._write_pending_digest()
     self.manager.wait_until_finished()
 
   def close(self):
+    self.wait()
     self.manager.close()
 
 
@@ -76,3 +259,33 @@ def restore_params(path: str, abstract_params):
       partial_restore=True)))
   manager.close()
   return restored["state"]["params"]
+@jax.jit
+def _finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _all_finite(tree) -> bool:
+  return bool(jax.device_get(_finite(tree)))
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """'params/layers/wq' -> shape, for arrays or their metadata (namedtuples as dicts)."""
+  def name(path):
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+  return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return (text.splitlines() or [""])[0][:300]

@@ -28,7 +28,10 @@ def parse_flags(argv) -> None:
   try:
     flags.FLAGS(argv)
   except flags.Error as e:
-    raise UsageError(str(e).splitlines()[0]) from None
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Traceback"):  # the experiment file raised
+      lines[0] += f" {lines[-1].strip()}"
+    raise UsageError(lines[0]) from None
   except (AttributeError, KeyError) as e:
     bad = [a for a in argv if a.startswith("--config.")]
     raise UsageError(f"unknown config field in {' '.join(bad) or argv}: {e}; "

@@ -20,6 +20,7 @@ REMAT = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("next_token",)
 BAD_UTF8 = ("error", "skip")
+NONFINITE = ("skip", "restore", "halt")
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,18 @@ def base() -> ml_collections.ConfigDict:
       sample_prompt="And God said",
       sample_tokens=80,
       sample_temperature=0.7,
+      # A step whose loss or gradients are NaN/Inf never updates the parameters.
+      # skip: count it and go on; halt after nonfinite_max_consecutive in a row.
+      # restore: after nonfinite_max_consecutive in a row, go back to the last
+      #   checkpoint and skip every batch drawn since it.
+      # halt: stop at the first one.
+      nonfinite="skip",
+      nonfinite_max_consecutive=5,
+      # A loss more than spike_zscore running standard deviations above its running
+      # mean (exponential moving averages with decay spike_decay) is logged as a
+      # spike; 0 turns detection off.
+      spike_zscore=6.0,
+      spike_decay=0.98,
   )
   # init_from: a workdir (or its checkpoints/ directory) whose latest parameters
   # start this run when its own workdir has no checkpoint: parameters only, with a
@@ -274,6 +287,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   for name in ("steps", "batch_size", "microbatches", "log_every"):
     _positive(f"train.{name}", t[name])
   _positive("train.eval_every", t.eval_every, allow_zero=True)
+  _choice("train.nonfinite", t.nonfinite, NONFINITE)
+  _positive("train.nonfinite_max_consecutive", t.nonfinite_max_consecutive)
+  _positive("train.spike_zscore", t.spike_zscore, allow_zero=True)
+  if not 0 < t.spike_decay < 1:
+    raise ConfigError(f"train.spike_decay={t.spike_decay} must be in (0, 1), e.g. 0.98")
   _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
   _positive("checkpoint.keep", cfg.checkpoint.keep)
 

@@ -1,14 +1,19 @@
 """The training loop: data in, steps, records, evaluations and checkpoints out.
 
-A run resumes from the latest checkpoint in its workdir. Metrics of step t are
-fetched only after step t+1 has been dispatched, so the device never waits on
-logging.
+A run holds its workdir's lock and resumes from the latest usable checkpoint
+there (see fmjax.checkpoint); no file in the workdir is written before that
+restore has succeeded. Metrics of step t are fetched only after step t+1 has
+been dispatched, so the device never waits on logging; fmjax.guard reads them
+for non-finite steps and loss spikes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import os
+import sys
 import time
 
 import jax
@@ -17,7 +22,8 @@ import tqdm
 
 from fmjax import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
-from fmjax import cost, metrics as metrics_lib, sample, sharding, train
+from fmjax import cost, guard as guard_lib, metrics as metrics_lib, sample, sharding, train
+from fmjax import workdir as workdir_lib
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 
 
@@ -25,50 +31,107 @@ def config_hash(cfg) -> str:
   return hashlib.sha256(config_lib.to_json(cfg).encode()).hexdigest()[:12]
 
 
-def run(cfg, workdir: str) -> dict:
-  """Trains `cfg` in `workdir` (resuming if it has checkpoints); returns the run summary."""
+class DataError(RuntimeError):
+  """The corpus or tokenizer files under data.data_dir cannot be read."""
+
+
+# What stops a run after its config passed: each with a one-line message.
+RUN_ERRORS = (DataError, workdir_lib.WorkdirLocked, checkpoint_lib.CheckpointError,
+              checkpoint_lib.NonFiniteCheckpoint, guard_lib.NonFiniteError)
+
+
+@contextlib.contextmanager
+def _data_errors(data_dir):
+  """Turns a failure to read or build the data into a one-line DataError."""
+  try:
+    yield
+  except config_lib.ConfigError:
+    raise
+  except Exception as e:  # sentencepiece, tfds, array_record and grain raise many kinds
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise DataError(f"data.data_dir={data_dir}: cannot read the corpus or tokenizer there "
+                    f"({type(e).__name__}: {first}); delete the damaged files to have them "
+                    "rebuilt, or point data.data_dir elsewhere") from e
+
+
+def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
+  """Trains `cfg` in `workdir` (resuming if it has checkpoints); returns the run summary.
+
+  Raises ConfigError before writing anything if `workdir` was made by a config
+  that computes something else (unless `allow_config_change`) or holds
+  checkpoints of another shape; one of RUN_ERRORS if the run cannot go on.
+  """
   started = time.time()
   t, d = cfg.train, cfg.data
-  is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(cfg.mesh)
   s = train.setup(cfg, mesh)  # raises ConfigError on a sharding that cannot work
-  try:  # missing data, tokenizer or init checkpoint: an error before anything is written
-    tok = tokenizer_lib.from_config(d, cfg.model.vocab_size)
-    pipeline.check_vocab(tok, cfg.model.vocab_size, d)
-    pipeline.open_sources(d, "train")
-    if cfg.checkpoint.init_from:
-      checkpoint_lib.latest_checkpoint(cfg.checkpoint.init_from)
-  except (ValueError, FileNotFoundError) as e:
-    raise config_lib.ConfigError(str(e)) from None
+  with _data_errors(os.path.expanduser(d.data_dir)):
+    try:  # missing data, tokenizer or init checkpoint: an error before anything is written
+      tok = tokenizer_lib.from_config(d, cfg.model.vocab_size)
+      pipeline.check_vocab(tok, cfg.model.vocab_size, d)
+      pipeline.open_sources(d, "train")
+      if cfg.checkpoint.init_from:
+        checkpoint_lib.latest_checkpoint(cfg.checkpoint.init_from)
+    except (ValueError, FileNotFoundError) as e:
+      raise config_lib.ConfigError(str(e)) from None
+    per_host_batch = t.batch_size // jax.process_count()
+    train_iter = iter(pipeline.train_dataset(
+        d, tok, batch_size=per_host_batch, process_index=jax.process_index(),
+        process_count=jax.process_count()))
+    eval_data = pipeline.eval_batches(d, tok, batch_size=per_host_batch,
+                                      num_batches=d.eval_batches)
+    _probe(train_iter)
+
   os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    train.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  with workdir_lib.lock(workdir), checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+      async_save=cfg.checkpoint.async_save, cleanup=True) as ckpt:
+    workdir_lib.check_config(workdir, cfg.to_dict(), allow_config_change)
+    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started)
 
-  per_host_batch = t.batch_size // jax.process_count()
-  train_iter = iter(pipeline.train_dataset(
-      d, tok, batch_size=per_host_batch, process_index=jax.process_index(),
-      process_count=jax.process_count()))
-  eval_data = pipeline.eval_batches(d, tok, batch_size=per_host_batch,
-                                    num_batches=d.eval_batches)
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=cfg.checkpoint.keep,
-                                     async_save=cfg.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  if latest is None:
+def _probe(iterator):
+  """Reads one batch and rewinds: damaged data is reported as such now, not at restore."""
+  position = copy.deepcopy(iterator.get_state())
+  next(iterator)
+  iterator.set_state(position)
+
+
+def _warn(message: str):
+  print(message, file=sys.stderr, flush=True)
+
+
+def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> dict:
+  t, d = cfg.train, cfg.data
+  is_main = jax.process_index() == 0
+  restored = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
+  if restored is None:
     params = None
     if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
       params = checkpoint_lib.restore_params(cfg.checkpoint.init_from,
                                              s.abstract_state["params"])
-    state = train.init_state(s, t.seed, params)
+    state, progress = train.init_state(s, t.seed, params), {}
   else:
-    state = ckpt.restore(latest, s.abstract_state, train_iter)
+    state, progress = restored.state, restored.progress
+    print(f"resuming from checkpoint {restored.step}", flush=True)
   start = int(jax.device_get(state["step"]))
+  drawn = progress.get("batches", start)  # batches taken from train_iter, over all restarts
+  guard = guard_lib.Guard(t, progress.get("guard"))
+  poisoned = guard_lib.injected_nan_batches()
 
   records_path = os.path.join(workdir, "metrics.jsonl")
-  if is_main:  # records past the checkpoint came from a run that died; drop them
+  if is_main:
+    train.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    # records past the checkpoint came from a run that died; drop them
     metrics_lib.truncate(records_path, start)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+
+  def save(step, force=False):
+    ckpt.save(step, state, train_iter, progress={"batches": drawn, "guard": guard.state()},
+              force=force)
+
+  if restored is None and t.nonfinite == "restore":
+    save(0)  # something to go back to
 
   train_step = train.make_train_step(s)
   eval_step = train.make_eval_step(s)
@@ -78,50 +141,90 @@ def run(cfg, workdir: str) -> dict:
 
   bar = tqdm.tqdm(total=t.steps, initial=start, disable=not (is_main and t.progress),
                   unit="step", dynamic_ncols=True)
-  pending = []  # [(step, metrics still on device)]: at most one
+  pending = []  # [(step, batch number, metrics still on device)]: at most one
   clock = [time.perf_counter()]
   eval_loss = None
   step_times = []
 
   def flush():
-    """Fetches and logs the pending step; its time is the wall time since the last one."""
+    """Fetches, checks and logs the pending step; its time is the wall time since the last one.
+
+    Returns the step's batch number if the guard asks to go back to the last
+    checkpoint, else None.
+    """
     if not pending:
-      return
-    step, on_device = pending.pop()
+      return None
+    step, number, on_device = pending.pop()
     stats = jax.device_get(on_device)
     now = time.perf_counter()
     step_times.append(now - clock[0])
     clock[0] = now
     record = train.step_record(stats, step_times[-1], tokens_per_step, flops_per_token, peak)
-    if step % t.log_every == 0 or step == t.steps:
+    try:
+      verdict = guard.check(step, record)
+    except guard_lib.NonFiniteError:
+      writer.write(step, record)
+      raise
+    record.update(verdict.record)
+    for message in verdict.messages:
+      bar.write(message)
+    if verdict.log or step % t.log_every == 0 or step == t.steps:
       writer.write(step, record)
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                     refresh=False)
+    return number if verdict.restore else None
+
+  def go_back(bad_number):
+    """The last checkpoint's state, with train_iter past batch `bad_number`."""
+    pending.clear()
+    r = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
+    if r is None:
+      raise guard_lib.NonFiniteError(f"no checkpoint in {ckpt.directory} to go back to")
+    skip = bad_number - r.progress.get("batches", r.step)
+    for _ in range(skip):
+      next(train_iter)
+    if is_main:
+      metrics_lib.truncate(records_path, r.step)
+    writer.write(r.step, {"event": "nonfinite_restore", "skipped_batches": skip,
+                          "last_bad_batch": bad_number})
+    bar.write(f"restored checkpoint {r.step} and skipped {skip} batches")
+    bar.n = r.step
+    bar.refresh()
+    return r
 
   with jax.set_mesh(mesh):
-    for step in range(start, t.steps):
-      batch = train.global_batch(next(train_iter), s.batch_sharding)
-      state, step_metrics = train_step(state, batch)
-      flush()  # the previous step's metrics, while this one runs
-      pending.append((step + 1, step_metrics))
+    done = start
+    while done < t.steps:
+      drawn += 1
+      batch = guard_lib.inject(next(train_iter), drawn, poisoned)
+      state, step_metrics = train_step(state, train.global_batch(batch, s.batch_sharding))
+      bad = flush()  # the previous step's metrics, while this one runs
+      done += 1
+      pending.append((done, drawn, step_metrics))
       bar.update(1)
-      done = step + 1
-      if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-        flush()
+      evaluate_now = t.eval_every and done % t.eval_every == 0 and done != t.steps
+      save_now = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps
+      if bad is None and (evaluate_now or save_now or done == t.steps):
+        bad = flush()
+      if bad is not None:
+        r = go_back(bad)
+        state, done, drawn = r.state, r.step, bad
+        guard = guard_lib.Guard(t, r.progress.get("guard"))
+        guard.restored()
+        clock[0] = time.perf_counter()
+        continue
+      if evaluate_now:
         eval_loss = _eval(s, eval_step, state, eval_data, writer, done, bar)
         clock[0] = time.perf_counter()
-      if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps:
-        flush()
-        ckpt.save(done, state, train_iter)
+      if save_now:
+        save(done)
         clock[0] = time.perf_counter()
-    flush()
     bar.close()
     if start < t.steps or eval_loss is None:
       eval_loss = _eval(s, eval_step, state, eval_data, writer, t.steps, None)
     if start < t.steps:
-      ckpt.save(t.steps, state, train_iter, force=True)
+      save(t.steps, force=True)
     ckpt.wait()
-    ckpt.close()
   writer.close()
 
   median_step = float(np.median(step_times[1:] or step_times or [0.0]))

@@ -6,48 +6,24 @@
 Re-running the same command on the same workdir resumes from its latest
 checkpoint. The config is checked before anything is compiled or written: a bad
 field stops the run with a one-line error and leaves the workdir untouched.
+Exit status: 0 done, 2 bad command line or config, 1 any other failure (workdir
+in use, unreadable data, no usable checkpoint, a halt on non-finite steps).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import os
 import sys
 
 from absl import flags
 
 from fmjax import cli
 from fmjax.cli import UsageError
+from fmjax.workdir import RESUMABLE_CHANGES, config_changes  # noqa: F401  (part of the CLI's API)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and records.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose saved config differs in fields "
     "that change the run's results.")
-
-# Fields that may differ when resuming: they change how a run is carried out,
-# not what it computes.
-RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.eval_every",
-                     "train.sample_", "checkpoint.", "mesh.", "sharding.", "data.num_workers",
-                     "data.data_dir", "model.remat", "model.scan_layers")
-
-
-def _flatten(d, prefix=""):
-  for k, v in d.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, f"{prefix}{k}.")
-    else:
-      yield f"{prefix}{k}", v
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-  """'field: old -> new' for every leaf that differs and may not differ on resume."""
-  a, b = dict(_flatten(old)), dict(_flatten(new))
-  changed = []
-  for key in sorted(set(a) | set(b)):
-    if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
-      changed.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-  return changed
 
 
 def parse_flags(argv):
@@ -70,20 +46,28 @@ def main(argv=None) -> int:
 
   try:
     cfg, _ = cli.start_jax(cfg)  # jax starts here: fake CPU devices and XLA flags are set first
-    from fmjax import loop
-
-    saved = os.path.join(workdir, "config.json")
-    if os.path.exists(saved) and not _ALLOW_CONFIG_CHANGE.value:
-      with open(saved) as f:
-        changes = config_changes(json.load(f), cfg.to_dict())
-      if changes:
-        raise config_lib.ConfigError(
-            f"{workdir} was made by a different config ({'; '.join(changes)}); use a new "
-            "--workdir, or pass --allow_config_change to resume anyway")
-    loop.run(cfg, workdir)  # raises ConfigError only before it writes anything
   except config_lib.ConfigError as e:
     print(f"fmjax: config error: {e}", file=sys.stderr)
     return 2
+  return train(cfg, workdir, _ALLOW_CONFIG_CHANGE.value)
+
+
+def train(cfg, workdir: str, allow_config_change: bool = False) -> int:
+  """Validates and trains `cfg`; returns the exit status, printing a one-line error if not 0."""
+  import jax
+
+  from fmjax import config as config_lib, loop, sizing
+
+  try:
+    cfg = sizing.resolve(cfg)
+    config_lib.validate(cfg, jax.device_count())
+    loop.run(cfg, workdir, allow_config_change=allow_config_change)
+  except config_lib.ConfigError as e:  # raised before anything in the workdir is written
+    print(f"fmjax: config error: {e}", file=sys.stderr)
+    return 2
+  except loop.RUN_ERRORS as e:
+    print(f"fmjax: error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -24,6 +24,9 @@ from fmjax import params as params_lib
 from fmjax import sharding as sharding_lib
 
 
+NEVER_APPLY_NONFINITE = 2**31 - 1  # optax applies them after this many in a row
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What the step functions are built from: derived once from the config."""
@@ -47,7 +50,10 @@ class Setup:
 
 def setup(cfg, mesh) -> Setup:
   decls = model.param_decls(cfg.model)
-  optimizer = optim.make(cfg.optimizer, cfg.train.steps, decls)
+  # A step with a non-finite gradient leaves parameters and optimizer state as
+  # they were and is counted; fmjax.guard decides what the run does about it.
+  optimizer = optax.apply_if_finite(optim.make(cfg.optimizer, cfg.train.steps, decls),
+                                    max_consecutive_errors=NEVER_APPLY_NONFINITE)
   param_sh = params_lib.shardings(decls, mesh, cfg.sharding.params)
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(optimizer.init, params_lib.abstract(decls))
@@ -108,11 +114,15 @@ def make_train_step(s: Setup):
                jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), stats_shape))
       (grads, stats), _ = jax.lax.scan(accumulate, zeros, microbatches)
     denom = jnp.maximum(stats["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    # A non-finite loss counts as a non-finite gradient, so the update is skipped.
+    finite_loss = jnp.isfinite(stats["nll"] + stats["z_loss"])
+    grads = jax.tree.map(lambda g: jnp.where(finite_loss, g / denom, jnp.nan), grads)
     updates, opt_state = s.optimizer.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = dict(stats, grad_norm=optax.tree.norm(grads), lr=s.lr_schedule(state["step"]))
+    metrics = dict(stats, grad_norm=optax.tree.norm(grads), lr=s.lr_schedule(state["step"]),
+                   nonfinite_consecutive=opt_state.notfinite_count,
+                   nonfinite_total=opt_state.total_notfinite)
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(s.state_shardings, s.batch_sharding),
@@ -151,7 +161,9 @@ def step_record(stats, step_time: float, tokens_per_step: int, flops_per_token: 
   tokens_per_s = tokens_per_step / step_time if step_time > 0 else 0.0
   record.update(lr=float(stats["lr"]), grad_norm=float(stats["grad_norm"]),
                 tokens_per_s=tokens_per_s, step_time_s=step_time,
-                mfu=tokens_per_s * flops_per_token / peak)
+                mfu=tokens_per_s * flops_per_token / peak,
+                nonfinite_consecutive=int(stats["nonfinite_consecutive"]),
+                nonfinite_total=int(stats["nonfinite_total"]))
   return record
 
 
