@@ -24,11 +24,16 @@ def ragged_rows(cfg, lengths, total, seed=0):
   return rng.integers(1, cfg.model.vocab_size, (len(lengths), total)).astype(np.int32)
 
 
-def full_logits(params, cfg, tokens_BT):
-  B, T = tokens_BT.shape
-  positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-  return np.asarray(jax.jit(lambda p, t: model.forward(p, t, jnp.ones_like(t), positions, cfg))(
-      params, tokens_BT))
+def full_logits(params, cfg, rows):
+  """Logits (B, T, V) of a plain forward pass over rows, right-padded to one length
+  with padding in a segment of its own."""
+  T = max(len(r) for r in rows)
+  tokens = np.zeros((len(rows), T), np.int32)
+  segments = np.zeros((len(rows), T), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, :len(r)], segments[b, :len(r)] = r, 1
+  positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
+  return np.asarray(jax.jit(lambda p: model.forward(p, tokens, segments, positions, cfg))(params))
 
 
 def teacher_forced(params, cfg, rows, lengths, steps, absorbed=True, slots=None):
@@ -120,11 +125,12 @@ def test_generate_is_greedy_decoding_and_compiles_one_step(kind):
   before = decoding._step_and_sample._cache_size()
   out = decoding.generate(params, cfg, prompts, max_new_tokens=7)
   assert decoding._step_and_sample._cache_size() == before + 1  # one step, not one per token
-  for prompt, ids in zip(prompts, out):
+  # Each new token is the argmax of a full forward over what came before.
+  logits = full_logits(params, cfg, [ids[:-1] for ids in out])
+  for prompt, ids, row_logits in zip(prompts, out, logits):
     assert ids[:len(prompt)] == prompt and len(ids) == len(prompt) + 7
-    # Each new token is the argmax of a full forward over what came before.
-    logits = full_logits(params, cfg, np.asarray([ids[:-1]], np.int32))[0]
-    np.testing.assert_array_equal(ids[len(prompt):], logits[len(prompt) - 1:].argmax(-1))
+    np.testing.assert_array_equal(ids[len(prompt):],
+                                  row_logits[len(prompt) - 1:len(ids) - 1].argmax(-1))
   # A stop id ends a row; rows that stopped early are cut there.
   stop = out[1][2]
   stopped = decoding.generate(params, cfg, prompts, max_new_tokens=7, stop_id=stop)
