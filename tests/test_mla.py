@@ -188,3 +188,23 @@ def test_invalid_mla_and_rope_fields(field, value, message):
     cfg.model[field] = value
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
     config_lib.validate(cfg, n_devices=8)
+
+
+def _experiment(name):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "experiments", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_mla_experiment_matches_the_default_in_size_with_a_smaller_cache():
+  mla_cfg, gqa_cfg = _experiment("pretrain_mla_tiny"), _experiment("pretrain_tiny")
+  config_lib.validate(mla_cfg, n_devices=8)
+  assert mla_cfg.model.attention == "mla"
+  mla_n, gqa_n = (cost.param_counts(c.model)["total"] for c in (mla_cfg, gqa_cfg))
+  assert abs(mla_n - gqa_n) / gqa_n < 0.01
+  assert cost.cache_bytes_per_token(mla_cfg.model) * 2 < cost.cache_bytes_per_token(gqa_cfg.model)
