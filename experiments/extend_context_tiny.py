@@ -29,10 +29,11 @@ def get_config(arg=None):
   c.model.update(vocab_size=2048, d_model=192, n_layers=4, n_heads=4, n_kv_heads=2,
                  d_ff=512, tie_embeddings=False)
   c.model.rope_scaling.update(kind="yarn", factor=4.0, original_seq_len=256)
-  c.data.update(name="kjv", seq_len=1024, eval_batches=8)
+  c.data.update(mixture="kjv", seq_len=1024, eval_batches=8)
   c.optimizer.update(lr=1e-3, schedule="cosine", warmup_steps=10, weight_decay=0.1)
   c.mesh.update(data=2, fsdp=2, tensor=2, cpu_devices=8)
   c.train.update(steps=100, batch_size=4, log_every=5, eval_every=25)
-  c.checkpoint.update(every=50, keep=2)
-  c.checkpoint.init_from = arg or SOURCE  # parameters only, from that workdir's latest checkpoint
+  # Parameters only, from that workdir's latest checkpoint: the model must be the
+  # source's (RoPE scaling adds no parameters).
+  c.checkpoint.update(every=50, keep=2, init_from=arg or SOURCE)
   return c

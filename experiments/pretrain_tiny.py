@@ -24,7 +24,7 @@ def get_config(arg=None):
   c = config.base()
   c.model.update(vocab_size=2048, d_model=192, n_layers=4, n_heads=4, n_kv_heads=2,
                  d_ff=512, tie_embeddings=False)
-  c.data.update(name="kjv", seq_len=256, eval_batches=8)
+  c.data.update(mixture="kjv", seq_len=256, eval_batches=8)
   c.optimizer.update(lr=3e-3, schedule="cosine", warmup_steps=25, weight_decay=0.1)
   c.mesh.update(data=2, fsdp=2, tensor=2, cpu_devices=8)
   c.train.update(steps=250, batch_size=16, log_every=5, eval_every=50)

@@ -43,3 +43,36 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def latest_checkpoint(path: str) -> tuple[str, int]:
+  """(checkpoints directory, latest step) of a workdir or of its checkpoints/ directory.
+
+  Raises FileNotFoundError naming the path if there is no checkpoint.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  for directory in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(directory):
+      manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+      step = manager.latest_step()
+      manager.close()
+      if step is not None:
+        return directory, step
+  raise FileNotFoundError(f"no checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
+
+
+def restore_params(path: str, abstract_params):
+  """The parameters of the latest checkpoint under `path`, onto `abstract_params`' shardings.
+
+  Only the parameters are read (not the optimizer state or the data position),
+  so the checkpoint may come from a run with another optimizer or mesh; the
+  parameter shapes must match.
+  """
+  directory, step = latest_checkpoint(path)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  target = {"params": abstract_params}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
+  manager.close()
+  return restored["state"]["params"]

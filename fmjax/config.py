@@ -21,7 +21,7 @@ DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("next_token",)
 ATTENTION = ("gqa", "mla")
 ROPE_SCALING = ("none", "linear", "ntk", "yarn")
-DATASETS = ("kjv",)
+BAD_UTF8 = ("error", "skip")
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,8 @@ def base() -> ml_collections.ConfigDict:
 
   c.model = dict(
       vocab_size=2048,
+      depth=0,  # size dial: > 0 sets n_layers, d_model, heads and d_ff (fmjax/sizing.py)
+      aspect_ratio=64,  # d_model per layer under the size dial
       d_model=256,
       n_layers=4,
       n_heads=4,
@@ -62,13 +64,19 @@ def base() -> ml_collections.ConfigDict:
       scan_layers=True,
   )
   c.data = dict(
-      name="kjv",
+      # Sources and weights, e.g. "kjv:0.7, synthetic:0.3" (see fmjax/data/mixture.py).
+      mixture="kjv",
+      curriculum="",  # weights from given steps on, e.g. "500: kjv:0.5, synthetic:0.5"
       data_dir="~/.cache/fmjax",  # where the built corpus and tokenizer live
-      tokenizer="bpe",  # sentencepiece model type: bpe | unigram
+      tokenizer="bpe",  # model type of the tokenizer trained on kjv: bpe | unigram
+      tokenizer_path="",  # a sentencepiece model to use instead (tools/train_tokenizer.py)
       seq_len=256,
       seed=0,
       num_workers=0,  # grain worker processes; 0 reads in the main process
       eval_batches=8,
+      max_doc_bytes=1 << 20,  # longer documents are skipped, counted and logged
+      bad_utf8="error",  # text that is not UTF-8: error (naming file and record) | skip
+      max_skip_fraction=0.01,  # more skipped documents than this stops the run
   )
   c.objective = dict(name="next_token", z_loss=0.0)
   c.optimizer = dict(
@@ -101,6 +109,10 @@ def base() -> ml_collections.ConfigDict:
   )
   c.train = dict(
       steps=1000,
+      # Or give the horizon as one of these (fmjax/sizing.py turns it into steps):
+      tokens=0,
+      tokens_per_param=0.0,
+      flops=0.0,  # a training-FLOP budget
       batch_size=32,  # global, in sequences
       microbatches=1,
       seed=0,
@@ -111,7 +123,10 @@ def base() -> ml_collections.ConfigDict:
       sample_tokens=80,
       sample_temperature=0.7,
   )
-  c.checkpoint = dict(every=200, keep=3, async_save=True)
+  # init_from: a workdir (or its checkpoints/ directory) whose latest parameters
+  # start this run when its own workdir has no checkpoint: parameters only, with a
+  # fresh optimizer at step 0 (continued pretraining, fine-tuning).
+  c.checkpoint = dict(every=200, keep=3, async_save=True, init_from="")
   return ml_collections.ConfigDict(c)
 
 
@@ -229,7 +244,16 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   if m.vocab_size < MIN_VOCAB_SIZE:
     raise ConfigError(f"model.vocab_size={m.vocab_size} is below {MIN_VOCAB_SIZE}, the smallest "
                       "tokenizer with byte fallback; raise it")
-  _choice("data.name", d.name, DATASETS)
+  from fmjax.data import mixture  # imported here, not when the schema is imported
+  try:
+    mixture.from_config(d)
+  except ValueError as e:
+    field = "data.curriculum" if str(e).startswith("curriculum") else "data.mixture"
+    raise ConfigError(f"{field}={d[field.split('.')[1]]!r}: {e}") from None
+  _choice("data.bad_utf8", d.bad_utf8, BAD_UTF8)
+  _positive("data.max_doc_bytes", d.max_doc_bytes)
+  if not 0 <= d.max_skip_fraction <= 1:
+    raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
   _choice("data.tokenizer", d.tokenizer, ("bpe", "unigram"))
   if d.seq_len < 2:
     raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")

@@ -32,11 +32,13 @@ def run(cfg, workdir: str) -> dict:
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(cfg.mesh)
   s = train.setup(cfg, mesh)  # raises ConfigError on a sharding that cannot work
-  data_dir = os.path.expanduser(d.data_dir)
-  tok = tokenizer_lib.load_or_train(data_dir, cfg.model.vocab_size, d.tokenizer)
-  try:
-    pipeline.check_vocab(tok, cfg.model.vocab_size)
-  except ValueError as e:
+  try:  # missing data, tokenizer or init checkpoint: an error before anything is written
+    tok = tokenizer_lib.from_config(d, cfg.model.vocab_size)
+    pipeline.check_vocab(tok, cfg.model.vocab_size, d)
+    pipeline.open_sources(d, "train")
+    if cfg.checkpoint.init_from:
+      checkpoint_lib.latest_checkpoint(cfg.checkpoint.init_from)
+  except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -44,18 +46,21 @@ def run(cfg, workdir: str) -> dict:
 
   per_host_batch = t.batch_size // jax.process_count()
   train_iter = iter(pipeline.train_dataset(
-      data_dir, tok, seq_len=d.seq_len, batch_size=per_host_batch, seed=d.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=d.num_workers))
-  eval_data = pipeline.eval_batches(data_dir, tok, seq_len=d.seq_len,
-                                    batch_size=per_host_batch, num_batches=d.eval_batches)
+      d, tok, batch_size=per_host_batch, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+  eval_data = pipeline.eval_batches(d, tok, batch_size=per_host_batch,
+                                    num_batches=d.eval_batches)
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=cfg.checkpoint.keep,
                                      async_save=cfg.checkpoint.async_save)
   latest = ckpt.latest_step()
   if latest is None:
-    state = train.init_state(s, t.seed)
+    params = None
+    if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
+      params = checkpoint_lib.restore_params(cfg.checkpoint.init_from,
+                                             s.abstract_state["params"])
+    state = train.init_state(s, t.seed, params)
   else:
     state = ckpt.restore(latest, s.abstract_state, train_iter)
   start = int(jax.device_get(state["step"]))
@@ -125,7 +130,7 @@ def run(cfg, workdir: str) -> dict:
       cfg, s, config_hash=config_hash(cfg), steps=t.steps, tokens=t.steps * tokens_per_step,
       final_eval_loss=eval_loss, tokens_per_s=tokens_per_s,
       mfu=tokens_per_s * flops_per_token / peak, peak_flops=peak, peak_source=peak_source,
-      wall_time_s=time.time() - started)
+      wall_time_s=time.time() - started, **pipeline.data_metadata(d))
   if is_main:
     train.write_json(os.path.join(workdir, "summary.json"), summary)
     metrics_lib.plot_loss_curve(metrics_lib.read(records_path),

@@ -90,11 +90,12 @@ def main(argv=None) -> int:
 
   import jax  # imported late: the number of fake CPU devices must be set first
 
-  from fmjax import config as config_lib, loop
+  from fmjax import config as config_lib, loop, sizing
 
   if cfg.get("mesh") and cfg.mesh.get("cpu_devices"):
     jax.config.update("jax_num_cpu_devices", int(cfg.mesh.cpu_devices))
   try:
+    cfg = sizing.resolve(cfg)  # the size dial and the horizon, as explicit fields
     config_lib.validate(cfg, jax.device_count())
     saved = os.path.join(workdir, "config.json")
     if os.path.exists(saved) and not _ALLOW_CONFIG_CHANGE.value:

@@ -65,8 +65,7 @@ def main(argv=None):
   mesh = sharding.make_mesh(one_device, jax.devices()[:1])
   s = train.setup(cfg, mesh)
   state = ckpt.restore(step, s.abstract_state)
-  tok = tokenizer_lib.load_or_train(os.path.expanduser(cfg.data.data_dir), cfg.model.vocab_size,
-                                    cfg.data.tokenizer)
+  tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   texts = sample_texts(state["params"], cfg, tok, args.prompt or ["And God said"],
                        args.max_new_tokens, args.temperature, args.seed, args.top_k, args.top_p)
   print("\n\n".join(texts))

@@ -61,15 +61,19 @@ def setup(cfg, mesh) -> Setup:
       batch_sharding=sharding_lib.batch_sharding(mesh, cfg.sharding.activations))
 
 
-def init_state(s: Setup, seed: int):
-  """The initial state, created sharded: no parameter exists unsharded."""
+def init_state(s: Setup, seed: int, params=None):
+  """The initial state, created sharded: no parameter exists unsharded.
 
-  def init(key):
-    p = params_lib.init(s.decls, key)
+  With `params` (sharded like the state's), it starts from them instead of a
+  random init, with a fresh optimizer state at step 0.
+  """
+
+  def init(key, params):
+    p = params_lib.init(s.decls, key) if params is None else params
     return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": s.optimizer.init(p)}
 
   with jax.set_mesh(s.mesh):
-    return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(seed))
+    return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(seed), params)
 
 
 def _split_microbatches(batch, n: int, rules):

@@ -44,7 +44,7 @@ BAD = [
     ("sharding.params.embed", "fsdb", "sharding.params.embed='fsdb' names mesh axis 'fsdb'"),
     ("sharding.activations.batch", "data,data", "sharding.activations.batch='data,data' repeats a mesh axis"),
     ("data.seq_len", 1, "data.seq_len=1 must be >= 2"),
-    ("data.name", "c4", "data.name='c4' is not one of kjv"),
+    ("data.mixture", "c4", "data.mixture='c4': unknown source 'c4'"),
     ("objective.name", "dpo", "objective.name='dpo' is not one of next_token"),
 ]
 

@@ -41,10 +41,9 @@ def main(argv=None):
   ckpt = checkpoint.Checkpointer(os.path.abspath(os.path.join(args.workdir, "checkpoints")),
                                  keep=cfg.checkpoint.keep)
   params = ckpt.restore(ckpt.latest_step(), s.abstract_state)["params"]
-  data_dir = os.path.expanduser(cfg.data.data_dir)
-  tok = tokenizer_lib.load_or_train(data_dir, cfg.model.vocab_size, cfg.data.tokenizer)
+  tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   batch_size = 4
-  batches = pipeline.eval_batches(data_dir, tok, seq_len=args.seq_len, batch_size=batch_size,
+  batches = pipeline.eval_batches(cfg.data, tok, batch_size=batch_size,
                                   num_batches=max(args.tokens // (batch_size * args.seq_len), 1))
   with jax.set_mesh(mesh):
     result = train.evaluate(s, train.make_eval_step(s), params, batches)

@@ -1,20 +1,38 @@
-"""grain pipelines: documents -> tokens -> packed rows -> batches.
+"""grain pipelines: sources -> documents -> tokens -> packed rows -> mixed batches.
 
 A batch is a dict of int32 numpy arrays of shape (batch, seq_len):
   tokens       token ids, 0 = padding;
   segment_ids  1, 2, 3, ... for the document pieces packed into a row, 0 for padding;
   positions    the position of each token within its piece, from 0.
 
-Each document becomes `[bos] + encode(text) + [eos]`. Documents are concatenated
-and cut into rows of exactly seq_len tokens (grain's ConcatThenSplit), so no
-token is dropped and rows of the endless train stream hold no padding. A
-document cut at the end of a row continues at the start of the next row as a
-new segment whose positions restart at 0 (that piece has no bos).
+A text document becomes `[bos] + encode(text) + [eos]`; a synthetic one is
+its token ids as they are (see fmjax.data.synthetic). Each source's documents
+are concatenated and cut into rows of exactly seq_len tokens (grain's
+ConcatThenSplit), so no token is dropped and rows of the endless train stream
+hold no padding. A document cut at the end of a row continues at the start of
+the next row as a new segment whose positions restart at 0 (that piece has no
+bos). Rows of the mixture's sources are then interleaved by weight
+(fmjax.data.mixture) and batched.
 
-The train stream is endless: epoch e visits the host's documents in an order
-drawn from (seed, e), so every epoch is shuffled differently. Its iterator's
-`get_state()` is a small JSON-serialisable dict (positions, not data); after
-`set_state`, an iterator yields exactly the batches an uninterrupted one would.
+Per host: every source's documents are shuffled into one global order per
+epoch (epoch e from the seed and e); host i of n reads documents i, i+n, i+2n,
+... of it, so the hosts together read each document of an epoch exactly once.
+
+Workers: with data.num_workers > 0, grain worker processes read and tokenize
+documents; packing, mixing and batching happen in the main process, so the
+batches are the same for any number of workers.
+
+The train stream's iterator state is a small JSON-serialisable dict
+(document counts and packer remainders, not data); after `set_state`, an
+iterator yields exactly the batches an uninterrupted one would, with any
+number of workers.
+
+Bad documents: empty ones and ones over data.max_doc_bytes are skipped,
+counted (in the iterator state) and logged with their file and record; text
+that is not UTF-8 stops the run with the file and record (or is skipped, with
+data.bad_utf8 = "skip"). If more than data.max_skip_fraction of the documents
+read so far are skipped (after the first 100), the stream stops with an error:
+a run never trains on a source that is mostly garbage.
 """
 
 from __future__ import annotations
@@ -22,33 +40,157 @@ from __future__ import annotations
 import itertools
 import json
 
-from absl import flags
+from absl import flags, logging
 import grain
 import numpy as np
 
-from fmjax.data import kjv
+from fmjax.data import mixture as mixture_lib
+from fmjax.data import sources as sources_lib
 from fmjax.data.tokenizer import Tokenizer
 
-# One thread tokenizes up to 128 documents ahead of the packer (~900k tokens/s on
+# One thread reads and tokenizes up to 128 documents ahead (~900k tokens/s on
 # one core; more threads do not help much).
 READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=128)
+MIN_DOCS_FOR_SKIP_CHECK = 100
 
 
-class Tokenize(grain.transforms.Map):
-  """A record {"text": bytes, ...} -> {"tokens": int32 [bos, ..., eos]}."""
+class BadDataError(ValueError):
+  """A document that cannot be used, named by its file and record."""
 
-  def __init__(self, tokenizer: Tokenizer):
+
+class Prepare(grain.transforms.MapWithIndex):
+  """Record i of a source -> {"tokens": int32} or, for a document to skip, {"skip": reason}."""
+
+  def __init__(self, tokenizer: Tokenizer, source: sources_lib.Source, max_doc_bytes: int,
+               bad_utf8: str):
     self.tokenizer = tokenizer  # pickles as its model path, for worker processes
+    self.tokens, self.where, self.size = source.tokens, source.where, len(source.records)
+    self.max_doc_bytes, self.bad_utf8 = max_doc_bytes, bad_utf8
 
-  def map(self, record):
+  def map_with_index(self, i, record):
+    i %= self.size  # grain counts on through later epochs
+    if self.tokens:
+      ids = np.asarray(record["tokens"], np.int32)
+      return {"tokens": ids} if len(ids) else {"skip": f"{self.where(i)}: empty document"}
+    raw = record["text"]
+    if len(raw) > self.max_doc_bytes:
+      return {"skip": f"{self.where(i)}: {len(raw)} bytes, over data.max_doc_bytes="
+                      f"{self.max_doc_bytes}"}
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      message = f"{self.where(i)}: not UTF-8 ({e})"
+      if self.bad_utf8 == "skip":
+        return {"skip": message}
+      raise BadDataError(f"{message}; fix the data, or set data.bad_utf8='skip' to skip "
+                         "such documents") from None
+    if not text.strip():
+      return {"skip": f"{self.where(i)}: empty document"}
     tok = self.tokenizer
-    ids = [tok.bos_id] + tok.encode(record["text"].decode("utf-8")) + [tok.eos_id]
-    return {"tokens": np.asarray(ids, np.int32)}
+    return {"tokens": np.asarray([tok.bos_id] + tok.encode(text) + [tok.eos_id], np.int32)}
 
 
-def documents(data_dir: str, split: str, tokenizer: Tokenizer) -> grain.MapDataset:
-  """The split's documents in stored order, tokenized lazily."""
-  return grain.MapDataset.source(kjv.load_source(data_dir, split)).map(Tokenize(tokenizer))
+def documents(source: sources_lib.Source, tokenizer: Tokenizer, d) -> grain.MapDataset:
+  """The source's documents in stored order, prepared lazily."""
+  return grain.MapDataset.source(source.records).map_with_index(
+      Prepare(tokenizer, source, d.max_doc_bytes, d.bad_utf8))
+
+
+class HostDocuments(grain.IterDataset):
+  """Documents i, i+n, i+2n, ... of an endless MapDataset, for host i of n.
+
+  Like grain's ElasticIterator, its state is a position in the global order
+  (here, the number of documents this host has taken), and set_state rebuilds
+  the reader there. So the state does not depend on num_workers: a run can
+  resume with another number of worker processes and get the same documents.
+  """
+
+  def __init__(self, docs: grain.MapDataset, process_index: int, process_count: int,
+               num_workers: int):
+    super().__init__()
+    self.docs, self.num_workers = docs, num_workers
+    self.process_index, self.process_count = process_index, process_count
+
+  def __iter__(self):
+    return _HostDocumentsIterator(self)
+
+
+class _HostDocumentsIterator(grain.DatasetIterator):
+
+  def __init__(self, ds: HostDocuments):
+    super().__init__()
+    self._ds, self._taken, self._reader = ds, 0, None
+
+  def _start(self):
+    ds = self._ds
+    first = ds.process_index + self._taken * ds.process_count
+    reader = ds.docs[first::ds.process_count].to_iter_dataset(READ_OPTIONS)
+    if ds.num_workers > 0:
+      if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
+        flags.FLAGS.mark_as_parsed()
+      reader = reader.mp_prefetch(grain.MultiprocessingOptions(num_workers=ds.num_workers))
+    self._reader = reader.__iter__()
+
+  def __next__(self):
+    if self._reader is None:
+      self._start()
+    doc = next(self._reader)
+    self._taken += 1
+    return doc
+
+  def get_state(self):
+    return {"taken": self._taken}
+
+  def set_state(self, state):
+    self.close()
+    self._taken = int(state["taken"])
+
+  def close(self):
+    if self._reader is not None:
+      self._reader.close()
+      self._reader = None
+
+
+class SkipBad(grain.IterDataset):
+  """Drops documents marked for skipping; counts and logs them; stops on too many."""
+
+  def __init__(self, parent: grain.IterDataset, name: str, max_skip_fraction: float):
+    super().__init__(parent)
+    self.name, self.max_skip_fraction = name, max_skip_fraction
+
+  def __iter__(self):
+    return _SkipBadIterator(self._parent.__iter__(), self.name, self.max_skip_fraction)
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, name, max_skip_fraction):
+    super().__init__(parent)
+    self._name, self._max = name, max_skip_fraction
+    self._seen, self._skipped = 0, 0
+
+  def __next__(self):
+    while True:
+      doc = next(self._parent)
+      self._seen += 1
+      if "skip" not in doc:
+        return doc
+      self._skipped += 1
+      if self._skipped <= 10 or self._skipped % 1000 == 0:
+        logging.warning("data source %s: skipped %s (%d of %d documents skipped so far)",
+                        self._name, doc["skip"], self._skipped, self._seen)
+      if self._seen >= MIN_DOCS_FOR_SKIP_CHECK and self._skipped > self._max * self._seen:
+        raise BadDataError(
+            f"data source {self._name}: {self._skipped} of the {self._seen} documents read "
+            f"so far were skipped, over data.max_skip_fraction={self._max} (last: "
+            f"{doc['skip']}); fix the data or raise the limit")
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "seen": self._seen, "skipped": self._skipped}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._seen, self._skipped = state["seen"], state["skipped"]
 
 
 def pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -62,45 +204,94 @@ def _rename(row):
           "positions": row["tokens_positions"]}
 
 
-def train_dataset(data_dir: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                  seed: int, process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0) -> grain.IterDataset:
-  """Endless packed train batches of (batch_size, seq_len) for host `process_index`.
+def open_sources(d, split: str) -> dict[str, sources_lib.Source]:
+  """name -> source of `split`, for every component of data.mixture."""
+  import os
+  data_dir = os.path.expanduser(d.data_dir)
+  return {c.name: sources_lib.open_source(c.spec, split, data_dir)
+          for c in mixture_lib.parse_mixture(d.mixture)}
 
-  Host i of n reads documents i, i+n, i+2n, ... of the train split. With
-  num_workers > 0, that many processes each pack their own slice of those
-  documents and batches come from them in turn: deterministic, but different
-  batches than num_workers=0, so resume with the num_workers you saved with.
+
+def train_dataset(d, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  """Endless packed train batches of (batch_size, d.seq_len) for host `process_index`.
+
+  `d` is the config's data section: mixture, curriculum, seq_len, seed,
+  num_workers and the bad-data limits. Curriculum steps count batches of this
+  iterator.
   """
-  docs = documents(data_dir, "train", tokenizer)[process_index::process_count]
-  docs = docs.shuffle(seed=_mix(seed)).repeat()  # grain shuffles epoch e with _mix(seed) + e
-  ds = pack(docs.to_iter_dataset(READ_OPTIONS), seq_len).batch(batch_size, drop_remainder=True)
-  if num_workers > 0:
-    if not flags.FLAGS.is_parsed():  # grain reads its absl flags when it starts workers
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return _JsonState(ds)
+  components, stages = mixture_lib.from_config(d)
+  srcs = open_sources(d, "train")
+  rows = {}
+  for i, c in enumerate(components):
+    # Component 0 keeps the seed of a single-source stream.
+    seed = _mix(d.seed if i == 0 else (d.seed, i))
+    docs = documents(srcs[c.name], tokenizer, d).shuffle(seed=seed).repeat()
+    stream = HostDocuments(docs, process_index, process_count, d.num_workers)
+    rows[c.name] = pack(SkipBad(stream, c.name, d.max_skip_fraction), d.seq_len)
+  if len(stages) == 1 and len(rows) == 1:
+    mixed = rows[components[0].name]  # one source: nothing to mix
+  else:
+    mixed = mixture_lib.ScheduledMix(rows, [(step * batch_size, w) for step, w in stages])
+  return _JsonState(mixed.batch(batch_size, drop_remainder=True))
 
 
-def eval_batches(data_dir: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                 num_batches: int) -> list[dict]:
+def eval_batches(d, tokenizer: Tokenizer, *, batch_size: int, num_batches: int) -> list[dict]:
   """The first `num_batches` full batches of the validation split, in stored order.
 
-  Deterministic, not shuffled. num_batches <= 0 means every full batch; when the
-  split has fewer than `num_batches` full batches, all of them are returned. Only
-  the split's last row has padding; a partial last batch is dropped.
+  Each source's validation documents are packed in stored order; with several
+  sources, their rows are mixed by the weights of the last curriculum stage
+  (the distribution training ends on). Deterministic, not shuffled.
+  num_batches <= 0 means every full batch; when there are fewer than
+  `num_batches` full batches, all of them are returned. Only a source's last
+  row has padding; a partial last batch is dropped.
   """
-  docs = documents(data_dir, "validation", tokenizer).to_iter_dataset(READ_OPTIONS)
-  ds = pack(docs, seq_len).batch(batch_size, drop_remainder=True)
+  components, stages = mixture_lib.from_config(d)
+  srcs = open_sources(d, "validation")
+  weights = stages[-1][1]
+  rows = {}
+  for c in components:
+    if c.name in weights:
+      docs = documents(srcs[c.name], tokenizer, d).to_iter_dataset(READ_OPTIONS)
+      rows[c.name] = pack(SkipBad(docs, c.name, d.max_skip_fraction), d.seq_len)
+  ds = (next(iter(rows.values())) if len(rows) == 1 else grain.IterDataset.mix(rows, weights))
+  ds = ds.batch(batch_size, drop_remainder=True)
   return list(itertools.islice(ds, num_batches if num_batches > 0 else None))
 
 
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int):
-  """Raises ValueError if the tokenizer emits ids the model's embedding does not have."""
+def data_metadata(d) -> dict:
+  """What the run summary records about its data: for synthetic sources, the exact entropy.
+
+  `data_entropy_nats` (the irreducible loss E) is present when every source
+  with weight in the last stage is synthetic: it is their weighted entropy rate.
+  """
+  components, stages = mixture_lib.from_config(d)
+  weights = stages[-1][1]
+  out = {"data_mixture": d.mixture}
+  if d.curriculum:
+    out["data_curriculum"] = d.curriculum
+  metas = {c.name: sources_lib.open_source(c.spec, "validation", "").metadata
+           for c in components if c.name in weights and c.spec.startswith("synthetic")}
+  if len(metas) == len(weights):
+    out["data_entropy_nats"] = sum(weights[n] * m["entropy_nats_per_token"]
+                                   for n, m in metas.items())
+  return out
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, d=None):
+  """Raises ValueError if the data has ids the model's embedding does not have."""
   if tokenizer.vocab_size > model_vocab_size:
     raise ValueError(
         f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
         f"vocab_size is {model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+  if d is None:
+    return
+  for c in mixture_lib.parse_mixture(d.mixture):
+    if c.spec.startswith("synthetic"):
+      need = sources_lib.open_source(c.spec, "validation", "").metadata["vocab_size"]
+      if need > model_vocab_size:
+        raise ValueError(f"source {c.spec} has token ids up to {need - 1} but the model's "
+                         f"vocab_size is {model_vocab_size}; set model.vocab_size >= {need}")
 
 
 def iterator_state_to_json(iterator: grain.DatasetIterator) -> str:
@@ -113,7 +304,7 @@ def restore_iterator_state(iterator: grain.DatasetIterator, state: str | dict):
   iterator.set_state(json.loads(state) if isinstance(state, str) else state)
 
 
-def _mix(seed: int) -> int:
+def _mix(seed) -> int:
   """A 32-bit shuffle seed far from that of seed + 1 (grain shuffles epoch e with seed + e)."""
   return int(np.random.SeedSequence(seed).generate_state(1)[0])
 

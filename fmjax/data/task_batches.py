@@ -1,0 +1,171 @@
+"""Batches of the task datasets (fmjax.data.tasks) for SFT, DPO and contrastive training.
+
+Chat template: an example is rendered as
+
+  [bos] "<|user|>\\n{prompt}\\n<|assistant|>\\n" | "{response}" [eos]
+
+where everything left of `|` is the prompt and the rest is the response.
+
+loss_mask follows fmjax.objectives.next_token_targets: loss_mask[t] gates the
+loss of predicting token t+1 from position t, so it is 1 exactly at the
+positions whose next token is a response token (the eos included).
+
+SFT batches, (B, L) int32: tokens, segment_ids, positions, loss_mask. Whole
+examples are packed first-fit into rows (grain's FirstFitPackIterDataset), one
+segment per example, never split across rows.
+
+DPO batches, (B, L) int32: chosen_{tokens,segment_ids,positions,loss_mask} and
+rejected_{...}: row i of each holds example i with its chosen or rejected
+response, alone in the row, padded with 0.
+
+Contrastive batches, (B, L) int32: anchor_{tokens,segment_ids,positions} and
+positive_{...}: row i holds the two passages of pair i, each [bos] text [eos]
+cut to L tokens. Each epoch takes a fresh order of the chapters, cut to a
+whole number of batches, so the B pairs of a batch come from B distinct
+chapters and each row's positive is the only positive for its anchor among the B.
+
+Examples longer than L (prompt plus response) are skipped, counted and logged
+(fmjax.data.pipeline.SkipBad). Train streams are endless and reshuffled every
+epoch; validation streams are finite and in stored order. Iterator states are
+JSON and resume exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grain
+import numpy as np
+
+from fmjax.data import pipeline, tasks
+from fmjax.data.tokenizer import Tokenizer
+
+USER, ASSISTANT = "<|user|>\n", "\n<|assistant|>\n"
+
+
+def render(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+  """(prompt ids, response ids) of one example under the chat template."""
+  return ([tokenizer.bos_id] + tokenizer.encode(USER + prompt + ASSISTANT),
+          tokenizer.encode(response) + [tokenizer.eos_id])
+
+
+def _sequence(prompt_ids, response_ids):
+  """tokens and loss_mask (1 where the next token is a response token)."""
+  tokens = np.asarray(prompt_ids + response_ids, np.int32)
+  mask = np.zeros(len(tokens), np.int32)
+  mask[len(prompt_ids) - 1:len(tokens) - 1] = 1
+  return tokens, mask
+
+
+def _padded(tokens, mask, seq_len, prefix):
+  row = {f"{prefix}tokens": np.zeros(seq_len, np.int32),
+         f"{prefix}segment_ids": np.zeros(seq_len, np.int32),
+         f"{prefix}positions": np.zeros(seq_len, np.int32)}
+  n = len(tokens)
+  row[f"{prefix}tokens"][:n] = tokens
+  row[f"{prefix}segment_ids"][:n] = 1
+  row[f"{prefix}positions"][:n] = np.arange(n)
+  if mask is not None:
+    row[f"{prefix}loss_mask"] = np.zeros(seq_len, np.int32)
+    row[f"{prefix}loss_mask"][:n] = mask
+  return row
+
+
+class _SftExample(grain.transforms.Map):
+
+  def __init__(self, tokenizer, seq_len):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+
+  def map(self, e):
+    tokens, mask = _sequence(*render(self.tokenizer, e["prompt"], e["response"]))
+    if len(tokens) > self.seq_len:
+      return {"skip": f"{e['task']} example of {len(tokens)} tokens, over seq_len={self.seq_len}"}
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+class _DpoExample(grain.transforms.Map):
+
+  def __init__(self, tokenizer, seq_len):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+
+  def map(self, e):
+    row = {}
+    for side in ("chosen", "rejected"):
+      tokens, mask = _sequence(*render(self.tokenizer, e["prompt"], e[side]))
+      if len(tokens) > self.seq_len:
+        return {"skip": f"{e['task']} example of {len(tokens)} tokens, over seq_len="
+                        f"{self.seq_len}"}
+      row.update(_padded(tokens, mask, self.seq_len, f"{side}_"))
+    return row
+
+
+class _PairExample(grain.transforms.Map):
+
+  def __init__(self, tokenizer, seq_len):
+    self.tokenizer, self.seq_len = tokenizer, seq_len
+
+  def map(self, e):
+    tok, row = self.tokenizer, {}
+    for side in ("anchor", "positive"):
+      ids = ([tok.bos_id] + tok.encode(e[side]) + [tok.eos_id])[:self.seq_len]
+      row.update(_padded(np.asarray(ids, np.int32), None, self.seq_len, f"{side}_"))
+    return row
+
+
+def _examples(source, split, seed):
+  ds = grain.MapDataset.source(source)
+  return ds.shuffle(seed=pipeline._mix(seed)).repeat() if split == "train" else ds  # pylint: disable=protected-access
+
+
+
+
+def sft_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: int,
+                seed: int = 0, size: int | None = None) -> grain.IterDataset:
+  ex = _examples(tasks.Instructions(split, seed, size), split, seed)
+  ds = ex.map(_SftExample(tokenizer, seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
+  ds = pipeline.SkipBad(ds, "sft", max_skip_fraction=0.01)
+  ds = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct={"tokens": seq_len, "loss_mask": seq_len},
+      num_packing_bins=batch_size, shuffle_bins=False)
+  ds = ds.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
+                         "positions": r["tokens_positions"], "loss_mask": r["loss_mask"]})
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def dpo_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: int,
+                seed: int = 0, size: int | None = None) -> grain.IterDataset:
+  ex = _examples(tasks.Preferences(split, seed, size), split, seed)
+  ds = ex.map(_DpoExample(tokenizer, seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
+  ds = pipeline.SkipBad(ds, "dpo", max_skip_fraction=0.01)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+class _WholeBatchEpochs:
+  """Record k of an endless stream: epoch k // m takes m = n - n % B records of a fresh order.
+
+  So that no batch mixes two epochs (and repeats a chapter).
+  """
+
+  def __init__(self, source, batch_size: int, seed: int):
+    self.source, self.seed = source, pipeline._mix(seed)  # pylint: disable=protected-access
+    self.m = len(source) - len(source) % batch_size
+    if not self.m:
+      raise ValueError(f"batch_size={batch_size} is more than the {len(source)} records")
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, k: int):
+    epoch, j = divmod(k, self.m)
+    i = grain.experimental.index_shuffle(j, max_index=len(self.source) - 1,
+                                         seed=(self.seed + epoch) % 2**32, rounds=4)
+    return self.source[int(i)]
+
+
+def contrastive_batches(tokenizer: Tokenizer, data_dir: str, split: str, *, seq_len: int,
+                        batch_size: int, seed: int = 0) -> grain.IterDataset:
+  pairs = tasks.PassagePairs(data_dir, split, seed)
+  ex = grain.MapDataset.source(_WholeBatchEpochs(pairs, batch_size, seed) if split == "train"
+                               else pairs)
+  ds = ex.map(_PairExample(tokenizer, seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
+  return ds.batch(batch_size, drop_remainder=True)

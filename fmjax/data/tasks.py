@@ -1,0 +1,151 @@
+"""Task datasets the project makes itself: SFT pairs, DPO preferences, contrastive pairs.
+
+Every example is a pure function of (seed, split, index), so a source needs no
+files, reads in any order, and is the same on every host and in every worker.
+
+- `Instructions`: {"task", "prompt", "response"} for three verifiable tasks:
+  arithmetic ("What is 37 * 12?"), string reversal and sorting numbers.
+  Train and validation never share a prompt: a prompt's split is fixed by a
+  hash of its text, and record i of a split is the i-th draw that lands there.
+- `Preferences`: the same examples with "chosen" (the correct response) and
+  "rejected" (a wrong one: an answer off by a little, a string reversed with
+  two characters swapped, numbers sorted with one pair out of order).
+- `PassagePairs`: {"chapter", "anchor", "positive"}: two disjoint runs of
+  verses from one King James chapter, one record per chapter of the split. A
+  batch of distinct chapters gives each anchor its positive and B-1 in-batch
+  negatives.
+
+`verify(task, prompt, response)` checks a response by recomputing the answer
+from the prompt, independently of the generator.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+
+TASKS = ("arithmetic", "reversal", "sorting")
+SPLITS = {"train": 0, "validation": 1}
+VALIDATION_BUCKETS = 10  # one prompt in ten belongs to validation
+
+
+def _split_of(prompt: str) -> str:
+  return "validation" if zlib.crc32(prompt.encode()) % VALIDATION_BUCKETS == 0 else "train"
+
+
+def _draw(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
+  """(prompt, correct response, a wrong response) of one random example of `task`."""
+  if task == "arithmetic":
+    a, b = (int(x) for x in rng.integers(0, 100, 2))
+    op = "+-*"[int(rng.integers(3))]
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    delta = int(rng.choice([-10, -2, -1, 1, 2, 10]))
+    return f"What is {a} {op} {b}?", str(answer), str(answer + delta)
+  if task == "reversal":
+    n = int(rng.integers(3, 9))
+    letters = rng.choice(list("abcdefghijklmnopqrstuvwxyz"), n, replace=False)
+    word = "".join(letters)
+    right = word[::-1]
+    i = int(rng.integers(n - 1))  # letters are distinct, so swapping two changes the string
+    wrong = right[:i] + right[i + 1] + right[i] + right[i + 2:]
+    return f"Reverse the string: {word}", right, wrong
+  if task == "sorting":
+    n = int(rng.integers(3, 8))
+    numbers = [int(x) for x in rng.choice(100, n, replace=False)]
+    right = sorted(numbers)
+    i = int(rng.integers(n - 1))
+    wrong = right[:i] + [right[i + 1], right[i]] + right[i + 2:]
+    fmt = lambda xs: ", ".join(map(str, xs))  # noqa: E731
+    return f"Sort in ascending order: {fmt(numbers)}", fmt(right), fmt(wrong)
+  raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+
+
+def verify(task: str, prompt: str, response: str) -> bool:
+  """Whether `response` answers `prompt` correctly, computed from the prompt alone."""
+  if task == "arithmetic":
+    a, op, b = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", prompt).groups()
+    a, b = int(a), int(b)
+    return response == str({"+": a + b, "-": a - b, "*": a * b}[op])
+  if task == "reversal":
+    return response == prompt.removeprefix("Reverse the string: ")[::-1]
+  if task == "sorting":
+    numbers = [int(x) for x in prompt.removeprefix("Sort in ascending order: ").split(", ")]
+    return response == ", ".join(map(str, sorted(numbers)))
+  raise ValueError(f"unknown task {task!r}")
+
+
+class Instructions:
+  """Random-access SFT examples of one split: {"task", "prompt", "response"} (str)."""
+
+  def __init__(self, split: str, seed: int = 0, size: int | None = None):
+    if split not in SPLITS:
+      raise ValueError(f"no split {split!r}; splits are {', '.join(SPLITS)}")
+    self.split, self.seed = split, seed
+    self.size = size or (100_000 if split == "train" else 1_000)
+
+  def __len__(self):
+    return self.size
+
+  def _example(self, i: int) -> dict:
+    if not 0 <= i < self.size:
+      raise IndexError(f"{self.split} has {self.size} examples, asked for {i}")
+    task = TASKS[i % len(TASKS)]
+    for attempt in range(1000):
+      rng = np.random.default_rng((self.seed, SPLITS[self.split], i, attempt))
+      prompt, right, wrong = _draw(task, rng)
+      if _split_of(prompt) == self.split:
+        return {"task": task, "prompt": prompt, "response": right, "rejected": wrong}
+    raise RuntimeError("no example landed in the split")  # p ~ 0.9^1000
+
+  def __getitem__(self, i: int) -> dict:
+    e = self._example(i)
+    return {k: e[k] for k in ("task", "prompt", "response")}
+
+  def __getitems__(self, indices):
+    return [self[i] for i in indices]
+
+
+class Preferences(Instructions):
+  """Random-access DPO triples: {"task", "prompt", "chosen", "rejected"} (str)."""
+
+  def __getitem__(self, i: int) -> dict:
+    e = self._example(i)
+    return {"task": e["task"], "prompt": e["prompt"], "chosen": e["response"],
+            "rejected": e["rejected"]}
+
+
+class PassagePairs:
+  """Random-access contrastive pairs, one per kjv chapter of the split (with >= 2 verses).
+
+  Each passage is a run of up to `max_verses` verses; the anchor ends where the
+  positive starts, at a cut drawn from (seed, chapter).
+  """
+
+  def __init__(self, data_dir: str, split: str, seed: int = 0, max_verses: int = 3):
+    from fmjax.data import kjv
+    if split not in SPLITS:
+      raise ValueError(f"no split {split!r}; splits are {', '.join(SPLITS)}")
+    source = kjv.load_source(data_dir, split)
+    records = source.__getitems__(range(len(source)))
+    self.chapters = [(r["id"].decode(), r["text"].decode().split("\n")) for r in records]
+    self.chapters = [(name, verses) for name, verses in self.chapters if len(verses) >= 2]
+    self.data_dir, self.split, self.seed, self.max_verses = data_dir, split, seed, max_verses
+
+  def __reduce__(self):
+    return PassagePairs, (self.data_dir, self.split, self.seed, self.max_verses)
+
+  def __len__(self):
+    return len(self.chapters)
+
+  def __getitem__(self, i: int) -> dict:
+    name, verses = self.chapters[i]
+    rng = np.random.default_rng((self.seed, zlib.crc32(name.encode())))
+    cut = int(rng.integers(1, len(verses)))
+    m = self.max_verses
+    return {"chapter": name, "anchor": "\n".join(verses[max(0, cut - m):cut]),
+            "positive": "\n".join(verses[cut:cut + m])}
+
+  def __getitems__(self, indices):
+    return [self[i] for i in indices]

@@ -1,0 +1,47 @@
+"""Convert plain-text or JSONL files to ArrayRecord once, for the arrayrecord(...) source.
+
+  python tools/convert_text.py --out=~/.cache/fmjax/pystdlib/pystdlib \
+      "/usr/lib/python3*/*.py"                      # one document per file
+  python tools/convert_text.py --out=DIR/NAME --unit=paragraph notes/*.txt
+  python tools/convert_text.py --out=DIR/NAME --key=text data/*.jsonl   # one per line
+
+Then, in an experiment: c.data.mixture = "kjv:0.5, name=arrayrecord(DIR/NAME-{split}.array_record-*):0.5".
+Every 20th document goes to the validation split (--validation_every). See
+fmjax/data/convert.py for how bad input is handled.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fmjax.data import convert  # noqa: E402
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("inputs", nargs="+", help="files or globs; .jsonl/.json files hold one document a line")
+  p.add_argument("--out", required=True, help="output prefix: OUT-{train,validation}.array_record-*")
+  p.add_argument("--unit", default="file", choices=("file", "paragraph"),
+                 help="a document of a text file: the whole file, or each blank-line-separated paragraph")
+  p.add_argument("--key", default="text", help="the JSONL field that holds the text")
+  p.add_argument("--validation_every", type=int, default=20)
+  p.add_argument("--max_doc_bytes", type=int, default=1 << 20)
+  p.add_argument("--bad", default="error", choices=("error", "skip"),
+                 help="text that is not UTF-8, or JSONL lines that are not JSON: stop, or skip and count")
+  args = p.parse_args(argv)
+  try:
+    summary = convert.convert(args.inputs, args.out, unit=args.unit, key=args.key,
+                              validation_every=args.validation_every,
+                              max_doc_bytes=args.max_doc_bytes, bad=args.bad)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"convert_text: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({k: v for k, v in summary.items() if k != "inputs"}, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
