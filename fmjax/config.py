@@ -78,7 +78,11 @@ def base() -> ml_collections.ConfigDict:
       bad_utf8="error",  # text that is not UTF-8: error (naming file and record) | skip
       max_skip_fraction=0.01,  # more skipped documents than this stops the run
   )
-  c.objective = dict(name="next_token", z_loss=0.0)
+  c.objective = dict(
+      name="next_token",
+      z_loss=0.0,
+      ce_chunk=0,  # >0: cross-entropy over sequence chunks of this many positions
+  )
   c.optimizer = dict(
       name="adamw",
       lr=3e-3,
@@ -261,6 +265,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
 
   _choice("objective.name", cfg.objective.name, OBJECTIVES)
   _positive("objective.z_loss", cfg.objective.z_loss, allow_zero=True)
+  _positive("objective.ce_chunk", cfg.objective.ce_chunk, allow_zero=True)
+  if cfg.objective.ce_chunk and d.seq_len % cfg.objective.ce_chunk:
+    raise ConfigError(f"objective.ce_chunk={cfg.objective.ce_chunk} must divide "
+                      f"data.seq_len={d.seq_len}; pick a divisor, or 0 for no chunking")
 
   _choice("optimizer.name", o.name, OPTIMIZERS)
   _choice("optimizer.schedule", o.schedule, SCHEDULES)

@@ -63,12 +63,24 @@ def cache_bytes_per_token(m) -> int:
   return m.n_layers * per_layer * jnp.dtype(m.dtype).itemsize
 
 
-# Dense peak FLOP/s by device kind, from datasheets, for the compute dtype.
+# Dense bf16 peak FLOP/s by device kind, from datasheets. Kinds are matched by
+# prefix, in this order: a more specific name comes before its prefix.
 _DATASHEET = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12,  # v5e reports itself as "TPU v5 lite"
+    "TPU v5p": 459e12, "TPU v5": 459e12,  # v5p reports itself as "TPU v5"
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,  # Trillium
+    "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
 }
+
+
+def datasheet_peak(device_kind: str) -> tuple[float, str] | None:
+  """(dense bf16 peak FLOP/s of one device, its datasheet name), or None if unknown."""
+  for name, peak in _DATASHEET.items():
+    if device_kind.startswith(name):
+      return peak, name
+  return None
 
 
 @functools.cache
@@ -81,20 +93,25 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
   """
   devices = jax.local_devices()
   kind = devices[0].device_kind
-  for name, peak in _DATASHEET.items():
-    if kind.startswith(name):
-      return peak * len(devices), f"datasheet {name} x{len(devices)}"
+  sheet = datasheet_peak(kind)
+  if sheet is not None:
+    return sheet[0] * len(devices), f"datasheet {sheet[1]} x{len(devices)}"
   return measure_matmul_flops(dtype), f"measured {dtype} matmul on {kind}"
 
 
-def measure_matmul_flops(dtype: str = "float32", n: int = 1536, repeats: int = 5) -> float:
+def measure_matmul_flops(dtype: str = "float32", sizes=(1024, 2048), repeats: int = 5) -> float:
+  """Best FLOP/s of jitted n x n matmuls on one device, over `sizes` and `repeats`.
+
+  The best, not the mean: on a shared machine, other work only slows a run down.
+  """
   device = jax.devices()[0]
-  a = jax.device_put(jnp.ones((n, n), dtype), device)
   matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
+  best = 0.0
+  for n in sizes:
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
     matmul(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
+    for _ in range(repeats):
+      start = time.perf_counter()
+      matmul(a, a).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - start))
+  return best

@@ -16,9 +16,10 @@ import os
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/pretrain_tiny.py[:arg].")
+from fmjax import cli
+from fmjax.cli import UsageError
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and records.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose saved config differs in fields "
@@ -29,10 +30,6 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.eval_every",
                      "train.sample_", "checkpoint.", "mesh.", "sharding.", "data.num_workers",
                      "data.data_dir", "model.remat", "model.scan_layers")
-
-
-class UsageError(Exception):
-  pass
 
 
 def _flatten(d, prefix=""):
@@ -54,30 +51,11 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def parse_flags(argv):
-  """Parses flags; turns absl/ml_collections failures into one-line UsageErrors."""
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    raise UsageError(str(e).splitlines()[0]) from None
-  except (AttributeError, KeyError) as e:
-    bad = [a for a in argv if a.startswith("--config.")]
-    raise UsageError(f"unknown config field in {' '.join(bad) or argv}: {e}; "
-                     "check the spelling against fmjax/config.py") from None
+  """(config, workdir) from the command line, or a one-line UsageError."""
+  cli.parse_flags(argv)
   if not _WORKDIR.value:
     raise UsageError("--workdir is required, e.g. --workdir=runs/my_run")
-  config_arg = flags.FLAGS["config"].config_filename if hasattr(
-      flags.FLAGS["config"], "config_filename") else None
-  path = (config_arg or "").split(":")[0]
-  if not path:
-    raise UsageError("--config is required, e.g. --config=experiments/pretrain_tiny.py")
-  if not os.path.isfile(path):
-    raise UsageError(f"--config={path}: no such experiment file")
-  try:
-    cfg = _CONFIG.value
-    cfg.keys()
-  except Exception as e:  # the experiment file itself failed
-    raise UsageError(f"--config={path} could not be loaded: {type(e).__name__}: {e}") from None
-  return cfg, _WORKDIR.value
+  return cli.load_config(), _WORKDIR.value
 
 
 def main(argv=None) -> int:
@@ -88,15 +66,12 @@ def main(argv=None) -> int:
     print(f"fmjax: {e}", file=sys.stderr)
     return 2
 
-  import jax  # imported late: the number of fake CPU devices must be set first
+  from fmjax import config as config_lib
 
-  from fmjax import config as config_lib, loop, sizing
-
-  if cfg.get("mesh") and cfg.mesh.get("cpu_devices"):
-    jax.config.update("jax_num_cpu_devices", int(cfg.mesh.cpu_devices))
   try:
-    cfg = sizing.resolve(cfg)  # the size dial and the horizon, as explicit fields
-    config_lib.validate(cfg, jax.device_count())
+    cfg, _ = cli.start_jax(cfg)  # jax starts here: fake CPU devices and XLA flags are set first
+    from fmjax import loop
+
     saved = os.path.join(workdir, "config.json")
     if os.path.exists(saved) and not _ALLOW_CONFIG_CHANGE.value:
       with open(saved) as f:

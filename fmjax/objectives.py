@@ -46,12 +46,44 @@ def cross_entropy_sums(logits_BTV, targets_BT, weights_BT, z_loss: float):
   return stats["nll"] + stats["z_loss"], stats
 
 
+def chunked_cross_entropy_sums(unembed, h_BTD, targets_BT, weights_BT, z_loss: float,
+                               chunk: int):
+  """`cross_entropy_sums` of `unembed(h_BTD)`, computed `chunk` positions at a time.
+
+  The float32 (B, T, V) logits never exist whole: a scan over sequence chunks
+  makes each (B, chunk, V) block, reduces it to sums, and drops it; the
+  backward pass recomputes each block from its hidden states (one more
+  unembedding matmul) instead of keeping them all.
+  """
+  B, T, D = h_BTD.shape
+  n = T // chunk
+
+  def split(x):  # (B, T, ...) -> (n, B, chunk, ...)
+    return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def add_chunk(total, chunk_inputs):
+    h_BCD, targets_BC, weights_BC = chunk_inputs
+    _, stats = cross_entropy_sums(unembed(h_BCD), targets_BC, weights_BC, z_loss)
+    return jax.tree.map(jnp.add, total, stats), None
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in ("tokens", "nll", "z_loss", "correct")}
+  stats, _ = jax.lax.scan(add_chunk, zeros, (split(h_BTD), split(targets_BT), split(weights_BT)))
+  return stats["nll"] + stats["z_loss"], stats
+
+
 def next_token(params, batch, cfg):
   """Next-token prediction, for pretraining and continued pretraining."""
-  logits_BTV = model.forward(
-      params, batch["tokens"], batch["segment_ids"], batch["positions"], cfg)
   targets_BT, weights_BT = next_token_targets(batch)
-  return cross_entropy_sums(logits_BTV, targets_BT, weights_BT, cfg.objective.z_loss)
+  chunk = cfg.objective.ce_chunk
+  if not chunk or chunk >= targets_BT.shape[1]:
+    logits_BTV = model.forward(
+        params, batch["tokens"], batch["segment_ids"], batch["positions"], cfg)
+    return cross_entropy_sums(logits_BTV, targets_BT, weights_BT, cfg.objective.z_loss)
+  h_BTD = model.decode(params, model.embed(params, batch["tokens"], cfg),
+                       batch["segment_ids"], batch["positions"], cfg)
+  return chunked_cross_entropy_sums(lambda h: model.unembed(params, h, cfg), h_BTD,
+                                    targets_BT, weights_BT, cfg.objective.z_loss, chunk)
 
 
 def summarize(stats) -> dict:

@@ -46,6 +46,8 @@ BAD = [
     ("data.seq_len", 1, "data.seq_len=1 must be >= 2"),
     ("data.mixture", "c4", "data.mixture='c4': unknown source 'c4'"),
     ("objective.name", "dpo", "objective.name='dpo' is not one of next_token"),
+    ("objective.ce_chunk", 24, "objective.ce_chunk=24 must divide data.seq_len=32"),
+    ("objective.ce_chunk", -8, "objective.ce_chunk=-8 must be >= 0"),
 ]
 
 

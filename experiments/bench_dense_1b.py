@@ -1,0 +1,29 @@
+"""A 1.1B-parameter dense decoder at sequence length 2048 in bf16: the GPU MFU benchmark.
+
+  python -m fmjax.bench --config=experiments/bench_dense_1b.py
+
+16 layers, d_model 2048, 32 heads (8 KV heads), d_ff 8192, vocab 32768: about
+1.1B parameters (Llama-3.2-1B's shape with a smaller vocabulary). bf16
+compute with float32 master weights and AdamW state, projections saved and attention
+recomputed in the backward pass (remat "dots"), 8 sequences of 2048
+tokens a step, on every device the process sees (data parallel). The target on
+one H100: MFU >= 55%. Figures in tools/BENCHMARKS.md.
+
+Variants to compare on the device (each one command):
+  --config.model.remat=full (less memory)   --config.train.batch_size=16   --config.objective.ce_chunk=512
+Per-device memory estimate without a GPU (compile only): add --steps=0 --config.mesh.cpu_devices=1.
+"""
+
+from fmjax import config
+
+
+def get_config(arg=None):
+  del arg
+  c = config.base()
+  c.model.update(vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                 d_ff=8192, tie_embeddings=False, dtype="bfloat16", remat="dots")
+  c.data.update(seq_len=2048)
+  c.objective.update(ce_chunk=0)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  c.train.update(batch_size=8)
+  return c
