@@ -19,6 +19,8 @@ OPTIMIZERS = ("adamw", "lion")
 REMAT = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("next_token",)
+ATTENTION = ("gqa", "mla")
+ROPE_SCALING = ("none", "linear", "ntk", "yarn")
 BAD_UTF8 = ("error", "skip")
 NONFINITE = ("skip", "restore", "halt")
 
@@ -38,11 +40,24 @@ def base() -> ml_collections.ConfigDict:
       d_model=256,
       n_layers=4,
       n_heads=4,
-      n_kv_heads=4,
-      head_dim=0,  # 0: d_model // n_heads
       d_ff=768,
       tie_embeddings=False,
+      attention="gqa",  # gqa | mla
+      # gqa: grouped-query attention
+      n_kv_heads=4,
+      head_dim=0,  # 0: d_model // n_heads
+      # mla: DeepSeek-V3 multi-head latent attention
+      q_lora_rank=0,  # 0: a plain query projection
+      kv_lora_rank=64,  # the cached latent
+      qk_nope_head_dim=32,
+      qk_rope_head_dim=16,  # one rotary key, shared by all heads
+      v_head_dim=32,
       rope_theta=10000.0,
+      # Context extension: 'linear' divides positions by factor, 'ntk' raises
+      # theta, 'yarn' interpolates low frequencies only and sharpens the
+      # softmax by (0.1 * mscale * ln(factor) + 1)^2.
+      rope_scaling=dict(kind="none", factor=1.0, original_seq_len=0, beta_fast=32.0,
+                        beta_slow=1.0, mscale=1.0),
       norm_eps=1e-5,
       init_std=0.02,
       dtype="float32",  # compute dtype; parameters are always float32
@@ -91,10 +106,11 @@ def base() -> ml_collections.ConfigDict:
   c.sharding = dict(
       params=dict(
           vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor",
-          head_dim="", mlp="tensor", layers=""),
+          head_dim="", mlp="tensor", layers="", q_lora="", kv_lora=""),
       activations=dict(
           batch="data,fsdp", seq="", embed="", heads="tensor",
-          kv_heads="tensor", head_dim="", mlp="tensor", vocab="tensor"),
+          kv_heads="tensor", head_dim="", mlp="tensor", vocab="tensor",
+          q_lora="", kv_lora="", layers=""),
   )
   c.train = dict(
       steps=1000,
@@ -229,23 +245,17 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     raise ConfigError(problem)
 
   m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
-  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
     _positive(f"model.{name}", m[name])
-  _positive("model.head_dim", m.head_dim, allow_zero=True)
-  if not m.head_dim and m.d_model % m.n_heads:
-    raise ConfigError(
-        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
-        "change one, or set model.head_dim explicitly")
-  if m.n_heads % m.n_kv_heads:
-    raise ConfigError(
-        f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
-        "(grouped-query attention shares each KV head among n_heads/n_kv_heads queries)")
-  if head_dim(m) % 2:
-    raise ConfigError(f"head dim {head_dim(m)} must be even for rotary embeddings; "
-                      "change model.head_dim or model.d_model/model.n_heads")
+  _choice("model.attention", m.attention, ATTENTION)
+  if m.attention == "gqa":
+    _check_gqa(m)
+  else:
+    _check_mla(m)
   _choice("model.dtype", m.dtype, DTYPES)
   _choice("model.remat", m.remat, REMAT)
   _positive("model.rope_theta", m.rope_theta)
+  _check_rope_scaling(m.rope_scaling)
 
   from fmjax.data.tokenizer import MIN_VOCAB_SIZE  # the tokenizer is trained at model.vocab_size
   if m.vocab_size < MIN_VOCAB_SIZE:
@@ -308,6 +318,47 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
         f"divisible by the {batch_shards} batch shards of the mesh; "
         f"make it a multiple of {batch_shards}")
   return shape
+
+
+def _check_gqa(m):
+  _positive("model.n_kv_heads", m.n_kv_heads)
+  _positive("model.head_dim", m.head_dim, allow_zero=True)
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        "change one, or set model.head_dim explicitly")
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(
+        f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+        "(grouped-query attention shares each KV head among n_heads/n_kv_heads queries)")
+  if head_dim(m) % 2:
+    raise ConfigError(f"head dim {head_dim(m)} must be even for rotary embeddings; "
+                      "change model.head_dim or model.d_model/model.n_heads")
+
+
+def _check_mla(m):
+  _positive("model.q_lora_rank", m.q_lora_rank, allow_zero=True)
+  for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+    _positive(f"model.{name}", m[name])
+  _positive("model.qk_nope_head_dim", m.qk_nope_head_dim, allow_zero=True)
+  if m.qk_rope_head_dim % 2:
+    raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for "
+                      "rotary embeddings")
+
+
+def _check_rope_scaling(r):
+  _choice("model.rope_scaling.kind", r.kind, ROPE_SCALING)
+  if r.factor < 1:
+    raise ConfigError(f"model.rope_scaling.factor={r.factor} must be >= 1 (the context "
+                      "is extended by this factor)")
+  if r.kind == "yarn":
+    if r.original_seq_len <= 0:
+      raise ConfigError(f"model.rope_scaling.original_seq_len={r.original_seq_len} must be "
+                        "> 0 for yarn: set it to the sequence length the model was trained at")
+    if not r.beta_fast > r.beta_slow > 0:
+      raise ConfigError(f"model.rope_scaling.beta_fast={r.beta_fast} must exceed "
+                        f"beta_slow={r.beta_slow} > 0 (rotations per original context)")
+  _positive("model.rope_scaling.mscale", r.mscale, allow_zero=True)
 
 
 def _check_rules(sharding, shape):

@@ -15,11 +15,27 @@ import jax.numpy as jnp
 from fmjax import config as config_lib
 
 
+def _attention_sizes(m) -> tuple[int, int, int]:
+  """(weights in matrices, extra norm scales, per-key multiply-adds) of one layer's attention.
+
+  The last is what one query spends per key over all heads: q.k and p.v.
+  """
+  D, N = m.d_model, m.n_heads
+  if m.attention == "mla":
+    Q, C, R = m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim
+    qk, dv = m.qk_nope_head_dim + R, m.v_head_dim
+    query = D * Q + Q * N * qk if Q else D * N * qk
+    matrices = query + D * (C + R) + C * N * (m.qk_nope_head_dim + dv) + N * dv * D
+    return matrices, Q + C, N * (qk + dv)
+  K, H = m.n_kv_heads, config_lib.head_dim(m)
+  return D * N * H + 2 * D * K * H + N * H * D, 0, 2 * N * H
+
+
 def param_counts(m) -> dict[str, int]:
   """total and non_embedding parameter counts of model config `m`."""
   D, V, L, F = m.d_model, m.vocab_size, m.n_layers, m.d_ff
-  N, K, H = m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
-  per_layer = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
+  attention, norms, _ = _attention_sizes(m)
+  per_layer = 2 * D + norms + attention + 3 * D * F
   embedding = V * D * (1 if m.tie_embeddings else 2)
   total = embedding + D + L * per_layer
   return {"total": total, "non_embedding": total - embedding}
@@ -30,13 +46,21 @@ def flops_per_token(m, seq_len: int, training: bool = True) -> float:
 
   Attention scores and values are counted over the full T x T square, as the
   compiled dot products compute them (the causal half is masked, not skipped).
+  MLA is counted in its expanded form, as training runs it.
   """
   D, V, L, F = m.d_model, m.vocab_size, m.n_layers, m.d_ff
-  N, K, H = m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
-  projections = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F
-  attention = 2 * seq_len * N * H  # q.k and p.v
-  forward = 2 * (L * (projections + attention) + D * V)
+  attention, _, per_key = _attention_sizes(m)
+  forward = 2 * (L * (attention + 3 * D * F + seq_len * per_key) + D * V)
   return 3 * forward if training else forward
+
+
+def cache_bytes_per_token(m) -> int:
+  """Bytes the decoding cache holds per token, over all layers."""
+  if m.attention == "mla":
+    per_layer = m.kv_lora_rank + m.qk_rope_head_dim
+  else:
+    per_layer = 2 * m.n_kv_heads * config_lib.head_dim(m)
+  return m.n_layers * per_layer * jnp.dtype(m.dtype).itemsize
 
 
 # Dense bf16 peak FLOP/s by device kind, from datasheets. Kinds are matched by

@@ -1,22 +1,25 @@
-"""The dense decoder: parameter declarations and the forward pass.
+"""The decoder: parameter declarations and the forward pass.
 
-Pre-norm Transformer blocks (RMSNorm, RoPE, grouped-query attention, SwiGLU),
-stacked along a leading 'layers' axis and run with `jax.lax.scan`.
+Pre-norm Transformer blocks (RMSNorm, then attention; RMSNorm, then MLP),
+stacked along a leading 'layers' axis and run with `jax.lax.scan`. The
+attention kind is `model.attention`: grouped-query (fmjax/gqa.py) or
+multi-head latent attention (fmjax/mla.py); the MLP is fmjax/mlp.py. Each of
+those modules declares its own parameters and applies them.
+
 `cfg` is the experiment config: the model reads `cfg.model` and pins its
 activations with the rules in `cfg.sharding.activations`.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from fmjax import config as config_lib
-from fmjax import layers
+from fmjax import gqa, layers, mla, mlp, rope
 from fmjax.params import Param, normal, ones
 from fmjax.sharding import constrain
+
+ATTENTION = {"gqa": gqa, "mla": mla}
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block
@@ -26,51 +29,56 @@ REMAT_POLICIES = {
 
 def param_decls(m) -> dict:
   """Declarations of every parameter of the model config `m`."""
-  D, V, L, F = m.d_model, m.vocab_size, m.n_layers, m.d_ff
-  N, K, H = m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
-  std, out_std = m.init_std, m.init_std / math.sqrt(2 * L)
+  D, V, L = m.d_model, m.vocab_size, m.n_layers
   decls = {
-      "embed": Param((V, D), ("vocab", "embed"), normal(std)),
+      "embed": Param((V, D), ("vocab", "embed"), normal(m.init_std)),
       "layers": {
           "attn_norm": Param((L, D), ("layers", "embed"), ones),
-          "wq": Param((L, D, N, H), ("layers", "embed", "heads", "head_dim"), normal(std)),
-          "wk": Param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), normal(std)),
-          "wv": Param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), normal(std)),
-          "wo": Param((L, N, H, D), ("layers", "heads", "head_dim", "embed"), normal(out_std)),
+          **ATTENTION[m.attention].decls(m),
           "mlp_norm": Param((L, D), ("layers", "embed"), ones),
-          "w_gate": Param((L, D, F), ("layers", "embed", "mlp"), normal(std)),
-          "w_up": Param((L, D, F), ("layers", "embed", "mlp"), normal(std)),
-          "w_down": Param((L, F, D), ("layers", "mlp", "embed"), normal(out_std)),
+          **mlp.decls(m),
       },
       "final_norm": Param((D,), ("embed",), ones),
   }
   if not m.tie_embeddings:
-    decls["unembed"] = Param((D, V), ("embed", "vocab"), normal(std))
+    decls["unembed"] = Param((D, V), ("embed", "vocab"), normal(m.init_std))
   return decls
 
 
-def _block(x_BTD, p, cos, sin, mask_B1TT, cfg):
-  """One Transformer layer; `p` holds this layer's slice of the stacked params."""
+def cache_decls(m, batch: int, length: int) -> dict:
+  """The decoding cache of `length` slots for `batch` rows, declared like parameters."""
+  return ATTENTION[m.attention].cache_decls(m, batch, length)
+
+
+def _block(x_BTD, p, cos, sin, mask_B1TS, cfg, cache=None, start_B=None, absorbed=False):
+  """One Transformer layer; `p` (and `cache`) hold this layer's slice of the stack."""
   m, rules = cfg.model, cfg.sharding.activations
-  dt = x_BTD.dtype
   with jax.named_scope("attention"):
     h_BTD = layers.rms_norm(x_BTD, p["attn_norm"], m.norm_eps)
-    q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, p["wq"].astype(dt))
-    k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wk"].astype(dt))
-    v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, p["wv"].astype(dt))
-    q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"), rules)
-    k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"), rules)
-    q_BTNH = layers.apply_rope(q_BTNH, cos, sin)
-    k_BTKH = layers.apply_rope(k_BTKH, cos, sin)
-    o_BTNH = layers.attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TT)
-    x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, p["wo"].astype(dt))
-    x_BTD = constrain(x_BTD, ("batch", "seq", "embed"), rules)
+    a_BTD, cache = ATTENTION[m.attention].apply(p, h_BTD, cos, sin, mask_B1TS, cfg, cache,
+                                                start_B, absorbed)
+    x_BTD = constrain(x_BTD + a_BTD, ("batch", "seq", "embed"), rules)
   with jax.named_scope("mlp"):
     h_BTD = layers.rms_norm(x_BTD, p["mlp_norm"], m.norm_eps)
-    x_BTD = x_BTD + layers.swiglu(
-        h_BTD, p["w_gate"].astype(dt), p["w_up"].astype(dt), p["w_down"].astype(dt))
-    x_BTD = constrain(x_BTD, ("batch", "seq", "embed"), rules)
-  return x_BTD
+    x_BTD = constrain(x_BTD + mlp.apply(p, h_BTD, cfg), ("batch", "seq", "embed"), rules)
+  return x_BTD, cache
+
+
+def _rope(positions_BT, m):
+  dim = ATTENTION[m.attention].rope_dim(m)
+  return rope.angles(positions_BT, rope.inv_frequencies(dim, m.rope_theta, m.rope_scaling))
+
+
+def _run_layers(block, x_BTD, xs, m):
+  """Folds `block(x, layer slices) -> (x, y)` over the layers; ys come back stacked."""
+  with jax.named_scope("layers"):
+    if m.scan_layers:
+      return jax.lax.scan(block, x_BTD, xs)
+    ys = []
+    for i in range(m.n_layers):
+      x_BTD, y = block(x_BTD, jax.tree.map(lambda a: a[i], xs))
+      ys.append(y)
+    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def embed(params, tokens_BT, cfg) -> jax.Array:
@@ -86,21 +94,38 @@ def embed(params, tokens_BT, cfg) -> jax.Array:
 def decode(params, x_BTD, segment_ids_BT, positions_BT, cfg) -> jax.Array:
   """Runs the layers and the final norm over embeddings: hidden states (B, T, D)."""
   m = cfg.model
-  cos, sin = layers.rope_angles(positions_BT, config_lib.head_dim(m), m.rope_theta)
+  cos, sin = _rope(positions_BT, m)
   mask_B1TT = layers.attention_mask(segment_ids_BT)
 
   def block(x_BTD, p):
-    return _block(x_BTD, p, cos, sin, mask_B1TT, cfg)
+    return _block(x_BTD, p, cos, sin, mask_B1TT, cfg)[0], None
 
   if m.remat != "none":
     block = jax.checkpoint(block, policy=REMAT_POLICIES[m.remat], prevent_cse=not m.scan_layers)
-  with jax.named_scope("layers"):
-    if m.scan_layers:
-      x_BTD, _ = jax.lax.scan(lambda x, p: (block(x, p), None), x_BTD, params["layers"])
-    else:
-      for i in range(m.n_layers):
-        x_BTD = block(x_BTD, jax.tree.map(lambda a: a[i], params["layers"]))
+  x_BTD, _ = _run_layers(block, x_BTD, params["layers"], m)
   return layers.rms_norm(x_BTD, params["final_norm"], m.norm_eps)
+
+
+def decode_cached(params, x_BTD, start_B, cache, cfg, absorbed=False):
+  """Hidden states (B, T, D) of T new tokens per row, and the updated cache.
+
+  Row b's new tokens sit at positions start_B[b] + [0, T); they are written
+  into cache slots of the same index and attend to every slot up to their own
+  position, so a row's earlier slots must hold its earlier tokens. Slots past
+  a position are masked, whatever they hold (padding, stale entries).
+  """
+  m = cfg.model
+  positions_BT = start_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=start_B.dtype)
+  cos, sin = _rope(positions_BT, m)
+  num_slots = jax.tree.leaves(cache)[0].shape[2]
+  mask_B1TS = layers.causal_mask(positions_BT, num_slots)
+
+  def block(x_BTD, layer):
+    p, c = layer
+    return _block(x_BTD, p, cos, sin, mask_B1TS, cfg, c, start_B, absorbed)
+
+  x_BTD, cache = _run_layers(block, x_BTD, (params["layers"], cache), m)
+  return layers.rms_norm(x_BTD, params["final_norm"], m.norm_eps), cache
 
 
 def unembed(params, h_BTD, cfg) -> jax.Array:

@@ -1,63 +1,35 @@
-"""Text generation from a trained model: greedy or temperature sampling.
-
-Each new token runs a full forward pass over a fixed-length buffer (one jitted
-function, compiled once); the causal mask keeps the unwritten tail inert.
+"""Text generation from a trained model (the decoding itself is fmjax.decoding).
 
   python -m fmjax.sample --workdir=DIR --prompt="And God said" --max_new_tokens=80
+  python -m fmjax.sample --workdir=DIR --prompt="In the beginning" --prompt="Jesus wept" \
+      --temperature=0.8 --top_p=0.9
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from fmjax import model
+from fmjax import decoding
 
 
-def generate(params, cfg, prompt_ids: list[int], max_new_tokens: int, temperature: float,
-             seed: int = 0, stop_id: int | None = None) -> list[int]:
-  """Prompt plus up to `max_new_tokens` sampled ids (greedy at temperature 0)."""
-  length = cfg.data.seq_len
-  if not prompt_ids:
-    raise ValueError("the prompt is empty; give at least one token (e.g. the BOS id)")
-  if len(prompt_ids) >= length:
-    raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in "
-                     f"data.seq_len={length}; shorten the prompt")
-  max_new_tokens = min(max_new_tokens, length - len(prompt_ids))
-
-  @jax.jit
-  def next_token(params, tokens_1T, index, key):
-    positions_1T = jnp.arange(length, dtype=jnp.int32)[None]
-    logits_1TV = model.forward(params, tokens_1T, jnp.ones_like(tokens_1T), positions_1T, cfg)
-    logits_V = logits_1TV[0, index - 1]
-    if temperature <= 0:
-      return jnp.argmax(logits_V).astype(jnp.int32)
-    return jax.random.categorical(key, logits_V / temperature).astype(jnp.int32)
-
-  tokens = np.zeros((1, length), np.int32)
-  tokens[0, :len(prompt_ids)] = prompt_ids
-  tokens = jnp.asarray(tokens)
-  out = list(prompt_ids)
-  key = jax.random.key(seed)
-  for i in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
-    key, sub = jax.random.split(key)
-    token = next_token(params, tokens, i, sub)
-    tokens = tokens.at[0, i].set(token)
-    out.append(int(token))
-    if stop_id is not None and out[-1] == stop_id:
-      break
-  return out
+def sample_texts(params, cfg, tokenizer, prompts: list[str], max_new_tokens: int,
+                 temperature: float, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
+                 mesh=None) -> list[str]:
+  """Each prompt with its continuation, decoded as one batch; stops at EOS."""
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  out = decoding.generate(params, cfg, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                          stop_id=tokenizer.eos_id, mesh=mesh)
+  return [tokenizer.decode([t for t in o[1:] if t != tokenizer.eos_id]) for o in out]
 
 
 def sample_text(params, cfg, tokenizer, prompt: str, max_new_tokens: int,
-                temperature: float, seed: int = 0) -> str:
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-  out = generate(params, cfg, ids, max_new_tokens, temperature, seed, stop_id=tokenizer.eos_id)
-  return tokenizer.decode([t for t in out[1:] if t != tokenizer.eos_id])
+                temperature: float, seed: int = 0, top_k: int = 0, top_p: float = 1.0) -> str:
+  return sample_texts(params, cfg, tokenizer, [prompt], max_new_tokens, temperature, seed,
+                      top_k, top_p)[0]
 
 
 def main(argv=None):
@@ -68,9 +40,12 @@ def main(argv=None):
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--prompt", default="And God said")
+  parser.add_argument("--prompt", action="append",
+                      help="repeat for a batch of prompts (default: 'And God said')")
   parser.add_argument("--max_new_tokens", type=int, default=100)
   parser.add_argument("--temperature", type=float, default=0.7)
+  parser.add_argument("--top_k", type=int, default=0, help="0: no top-k cut")
+  parser.add_argument("--top_p", type=float, default=1.0, help="1: no nucleus cut")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   args = parser.parse_args(argv)
@@ -79,8 +54,9 @@ def main(argv=None):
   if not os.path.exists(config_path):
     sys.exit(f"fmjax.sample: no config.json in --workdir={args.workdir}; "
              "point it at the workdir of a training run")
+  cfg = config_lib.base()  # fields newer than the run keep their defaults
   with open(config_path) as f:
-    cfg = config_lib.from_json(f.read())
+    cfg.update(json.load(f))
   ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=cfg.checkpoint.keep)
   step = args.step if args.step is not None else ckpt.latest_step()
   if step is None:
@@ -90,8 +66,9 @@ def main(argv=None):
   s = train.setup(cfg, mesh)
   state = ckpt.restore(step, s.abstract_state)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
-  print(sample_text(state["params"], cfg, tok, args.prompt, args.max_new_tokens,
-                    args.temperature, args.seed))
+  texts = sample_texts(state["params"], cfg, tok, args.prompt or ["And God said"],
+                       args.max_new_tokens, args.temperature, args.seed, args.top_k, args.top_p)
+  print("\n\n".join(texts))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import cost, layers, model, objectives, train
+from fmjax import cost, layers, model, objectives, rope, train
 from fmjax import params as params_lib
 from fmjax import sharding
 
@@ -131,7 +131,12 @@ def test_grouped_query_attention_matches_naive():
   v = rng.normal(size=(2, 12, 2, 8)).astype(np.float32)
   seg = np.array([[1] * 5 + [2] * 7, [1] * 12], np.int32)
   mask = layers.attention_mask(jnp.asarray(seg))
-  np.testing.assert_allclose(layers.attention(q, k, v, mask), naive_attention(q, k, v, mask),
+  expected = naive_attention(q, k, v, mask)
+  np.testing.assert_allclose(layers.attention(q, k, v, mask, 8**-0.5), expected,
+                             rtol=1e-5, atol=1e-5)
+  # Values with another head dim take the einsum path; the first 8 dims must agree.
+  v12 = np.concatenate([v, rng.normal(size=(2, 12, 2, 4)).astype(np.float32)], axis=-1)
+  np.testing.assert_allclose(layers.attention(q, k, v12, mask, 8**-0.5)[..., :8], expected,
                              rtol=1e-5, atol=1e-5)
 
 
@@ -141,10 +146,12 @@ def test_rope_is_relative():
   q = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
   k = rng.normal(size=(1, 1, 1, 16)).astype(np.float32)
 
+  inv_freq = rope.inv_frequencies(16, 10000.0, tiny_config().model.rope_scaling)
+
   def score(pq, pk):
-    cq, sq = layers.rope_angles(jnp.array([[pq]]), 16, 10000.0)
-    ck, sk = layers.rope_angles(jnp.array([[pk]]), 16, 10000.0)
-    return float(jnp.sum(layers.apply_rope(q, cq, sq) * layers.apply_rope(k, ck, sk)))
+    cq, sq = rope.angles(jnp.array([[pq]]), inv_freq)
+    ck, sk = rope.angles(jnp.array([[pk]]), inv_freq)
+    return float(jnp.sum(rope.apply(q, cq, sq) * rope.apply(k, ck, sk)))
 
   assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
   assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)

@@ -1,0 +1,56 @@
+"""Held-out loss of a trained run's checkpoint at another context length and RoPE scaling.
+
+Shows what RoPE scaling does before any continued training: evaluate a model
+trained at 256 tokens on 1024-token sequences with and without YaRN.
+
+  python tools/eval_context.py --workdir=runs/pretrain_tiny --seq_len=1024 --rope_scaling=none
+  python tools/eval_context.py --workdir=runs/pretrain_tiny --seq_len=1024 --rope_scaling=yarn --factor=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+
+from fmjax import checkpoint, config as config_lib, sharding, train
+from fmjax.data import pipeline, tokenizer as tokenizer_lib
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--seq_len", type=int, required=True)
+  parser.add_argument("--rope_scaling", default="none", choices=config_lib.ROPE_SCALING)
+  parser.add_argument("--factor", type=float, default=1.0)
+  parser.add_argument("--tokens", type=int, default=32768, help="held-out tokens to evaluate")
+  args = parser.parse_args(argv)
+
+  cfg = config_lib.base()
+  with open(os.path.join(args.workdir, "config.json")) as f:
+    cfg.update(json.load(f))
+  trained_len = cfg.data.seq_len
+  cfg.data.seq_len = args.seq_len
+  cfg.model.rope_scaling.update(kind=args.rope_scaling, factor=args.factor,
+                                original_seq_len=trained_len)
+  cfg.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  s = train.setup(cfg, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.abspath(os.path.join(args.workdir, "checkpoints")),
+                                 keep=cfg.checkpoint.keep)
+  params = ckpt.restore(ckpt.latest_step(), s.abstract_state)["params"]
+  tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
+  batch_size = 4
+  batches = pipeline.eval_batches(cfg.data, tok, batch_size=batch_size,
+                                  num_batches=max(args.tokens // (batch_size * args.seq_len), 1))
+  with jax.set_mesh(mesh):
+    result = train.evaluate(s, train.make_eval_step(s), params, batches)
+  print(json.dumps(dict(workdir=args.workdir, trained_seq_len=trained_len,
+                        seq_len=args.seq_len, rope_scaling=args.rope_scaling,
+                        factor=args.factor, **result)))
+
+
+if __name__ == "__main__":
+  main()
