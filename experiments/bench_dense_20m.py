@@ -17,7 +17,7 @@ def get_config(arg=None):
   c = config.base()
   c.model.update(vocab_size=2048, d_model=512, n_layers=6, n_heads=8, n_kv_heads=8,
                  d_ff=1408, tie_embeddings=False)
-  c.data.update(name="kjv", seq_len=256)
+  c.data.update(mixture="kjv", seq_len=256)
   c.mesh.update(data=1, fsdp=1, tensor=1, cpu_devices=1)
   c.train.update(steps=1000, batch_size=16)
   return c
