@@ -27,3 +27,48 @@ def tiny_config(**model):
 def data_dir(tmp_path_factory):
   """One built corpus and tokenizer shared by every test that needs real data."""
   return str(tmp_path_factory.mktemp("fmjax_data"))
+
+
+DATA_VOCAB = 512  # the tokenizer size tests share, so the suite trains one tokenizer
+
+
+@pytest.fixture(scope="session")
+def tok(data_dir):
+  from fmjax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.load_or_train(data_dir, DATA_VOCAB)
+
+
+def data_cfg(data_dir, **fields):
+  """The data section of the base config on `data_dir`, seq_len 32 unless given."""
+  d = config_lib.base().data
+  d.update(dict(dict(data_dir=data_dir, seq_len=32), **fields))
+  return d
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  import numpy as np
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def tree_hash(path) -> str:
+  """Every file's relative path and bytes under `path` ('missing' if it does not exist)."""
+  import hashlib
+  if not os.path.exists(path):
+    return "missing"
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      file = os.path.join(root, name)
+      h.update(os.path.relpath(file, path).encode() + b"\0")
+      with open(file, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()

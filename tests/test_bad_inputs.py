@@ -6,7 +6,6 @@ are parsed) in this process; the flag cases run the command line itself.
 HF checkpoint directories are not covered yet: fmjax has no HF import.
 """
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,27 +15,12 @@ import ml_collections
 import pytest
 import sentencepiece as spm
 
-from conftest import tiny_config
+from conftest import tiny_config, tree_hash
 from fmjax import checkpoint, main as main_lib, workdir as workdir_lib
 from fmjax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 512
-
-
-def tree_hash(path) -> str:
-  """Every file's relative path and bytes under `path` (missing: its own marker)."""
-  if not os.path.exists(path):
-    return "missing"
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      file = os.path.join(root, name)
-      h.update(os.path.relpath(file, path).encode() + b"\0")
-      with open(file, "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
 
 
 def config(data_dir, **model):

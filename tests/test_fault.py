@@ -1,7 +1,6 @@
 """Fault tolerance: kills mid-save, corrupt checkpoints, non-finite steps, loss spikes, the lock."""
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -17,25 +16,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import tiny_config, tree_hash
 from fmjax import checkpoint, guard, loop, metrics, workdir as workdir_lib
 from fmjax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import fault_drill  # noqa: E402
-
-
-def tree_hash(path):
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      file = os.path.join(root, name)
-      h.update(os.path.relpath(file, path).encode() + b"\0")
-      with open(file, "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
 
 
 # -- the guard ------------------------------------------------------------------------
