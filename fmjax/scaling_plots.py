@@ -17,6 +17,13 @@ import numpy as np  # noqa: E402
 from fmjax import scaling  # noqa: E402
 
 
+def _save(fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def _parametric(result):
   p = result["parametric"]
   return scaling.ParametricFit(**{k: p[k] for k in scaling.PARAMETRIC_NAMES + ("objective",)})
@@ -38,10 +45,7 @@ def plot_frontier(result, N, D, L, C, path):
   ax.set(xscale="log", xlabel="training FLOPs C", ylabel="held-out loss",
          title="Loss against compute")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_isoflop(result, N, D, L, C, path):
@@ -62,10 +66,7 @@ def plot_isoflop(result, N, D, L, C, path):
   ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss",
          title=f"IsoFLOP profiles: N* ~ C^{iso['N_exponent']:.2f}")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_predicted(result, N, D, L, C, path):
@@ -78,10 +79,7 @@ def plot_predicted(result, N, D, L, C, path):
   g = result["goodness"]
   ax.set(xlabel="observed loss", ylabel="predicted loss",
          title=f"L(N, D) fit: R² {g['r2_log']:.3f}, |err| {g['mean_abs_rel_error']:.2%}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def plot_all(result, N, D, L, C, out_dir) -> list[str]:

@@ -11,14 +11,10 @@ from conftest import tiny_config
 from fmjax import config as config_lib
 from fmjax import cost, layers, mla, model, objectives, rope, sharding
 from fmjax import params as params_lib
-from test_model import random_batch, xla_flops
+from test_model import assert_flops_formula_matches_xla, init_params, random_batch
 
 MLA = dict(attention="mla", q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=12)
-
-
-def init_params(cfg, seed=0):
-  return params_lib.init(model.param_decls(cfg.model), jax.random.key(seed))
 
 
 def yarn_inv_freq(dim, base, factor, original, beta_fast=32, beta_slow=1):
@@ -125,16 +121,7 @@ def test_mla_flops_formula_matches_xla_cost_analysis():
   cfg = tiny_config(d_model=256, n_heads=4, d_ff=768, vocab_size=512, scan_layers=False,
                     attention="mla", q_lora_rank=128, kv_lora_rank=96, qk_nope_head_dim=48,
                     qk_rope_head_dim=16, v_head_dim=64)
-  cfg.data.seq_len = 128
-  cfg.train.batch_size = 2
-  params = jax.eval_shape(lambda: init_params(cfg))
-  batch = jax.tree.map(jnp.asarray, random_batch(cfg))
-  tokens = cfg.train.batch_size * cfg.data.seq_len
-  objective = objectives.OBJECTIVES["next_token"]
-  fwd = xla_flops(lambda p, b: objective(p, b, cfg)[0], params, batch) / tokens
-  assert fwd == pytest.approx(cost.flops_per_token(cfg.model, 128, training=False), rel=0.05)
-  grad = xla_flops(jax.grad(lambda p, b: objective(p, b, cfg)[0]), params, batch) / tokens
-  assert grad == pytest.approx(cost.flops_per_token(cfg.model, 128), rel=0.05)
+  assert_flops_formula_matches_xla(cfg)
 
 
 def test_mla_sharded_gradients_equal_single_device():
