@@ -386,6 +386,25 @@ def fit_all(N, D, L, C, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0
   return out
 
 
+def known_entropy(rows: list[dict], column: str = "data_entropy_nats") -> float | None:
+  """The irreducible loss the data itself declares, if every row gives the same one.
+
+  Runs on a synthetic corpus record its exact entropy rate; a fitted E can
+  then be checked against the truth. None when any row lacks it or rows disagree.
+  """
+  values = {r.get(column) for r in rows}
+  if len(values) != 1 or None in values:
+    return None
+  return float(values.pop())
+
+
+def compare_entropy(fit: dict, entropy: float) -> dict:
+  """The fitted E against the known entropy H: their gap and whether H is inside E's interval."""
+  lo, hi = fit["intervals"].get("E", (float("nan"), float("nan")))
+  return {"H": entropy, "E": fit["E"], "E_minus_H": fit["E"] - entropy,
+          "relative_gap": (fit["E"] - entropy) / entropy, "H_in_interval": bool(lo <= entropy <= hi)}
+
+
 def main(argv=None) -> int:
   import argparse
   parser = argparse.ArgumentParser(prog="python -m fmjax.scaling",
@@ -410,6 +429,9 @@ def main(argv=None) -> int:
                          args.c_column or None)
     result = fit_all(N, D, L, C, delta=args.delta, bootstrap=args.bootstrap,
                      predict_at=args.predict)
+    entropy = known_entropy(rows)
+    if entropy is not None:
+      result["entropy"] = compare_entropy(result["parametric"], entropy)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -431,6 +453,11 @@ def report(result: dict) -> str:
   for k in PARAMETRIC_NAMES:
     ci = p["intervals"].get(k)
     lines.append(f"  {k:>5} = {p[k]:.4g}" + (f"   [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
+  if "entropy" in result:
+    h = result["entropy"]
+    lines.append(f"  the data's entropy H = {h['H']:.4g}: E - H = {h['E_minus_H']:+.4g} "
+                 f"({h['relative_gap']:+.1%}), H {'inside' if h['H_in_interval'] else 'outside'} "
+                 "E's interval")
   g = result["goodness"]
   lines.append(f"  R^2 (log) {g['r2_log']:.4f}, RMSE (log) {g['rmse_log']:.4f}, "
                f"mean |rel err| {g['mean_abs_rel_error']:.2%}")

@@ -42,6 +42,8 @@ def plot_frontier(result, N, D, L, C, path):
     ax.plot(grid, cf.predict(grid), "r--", lw=1.0,
             label=f"L(C) = {cf.E:.3g} + {cf.A:.3g}/C^{cf.gamma:.3f}")
   ax.axhline(result["parametric"]["E"], color="gray", ls=":", lw=1, label="fitted E")
+  if "entropy" in result:
+    ax.axhline(result["entropy"]["H"], color="black", ls="--", lw=1, label="data entropy H")
   ax.set(xscale="log", xlabel="training FLOPs C", ylabel="held-out loss",
          title="Loss against compute")
   ax.legend(fontsize=8)

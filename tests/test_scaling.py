@@ -99,7 +99,8 @@ def test_cli_fits_a_table_and_writes_plots(tmp_path, capsys):
   path = tmp_path / "records.jsonl"
   with open(path, "w") as f:
     for n, d, l, c in zip(N, D, L, C):
-      f.write(json.dumps({"params": n, "tokens": d, "final_eval_loss": l, "flops": c}) + "\n")
+      f.write(json.dumps({"params": n, "tokens": d, "final_eval_loss": l, "flops": c,
+                          "data_entropy_nats": TRUE["E"]}) + "\n")
   out = tmp_path / "fit"
   assert scaling.main(["fit", str(path), "--out", str(out), "--bootstrap", "5",
                        "--predict", "1e22"]) == 0
@@ -109,7 +110,18 @@ def test_cli_fits_a_table_and_writes_plots(tmp_path, capsys):
   assert result["parametric"]["alpha"] == pytest.approx(TRUE["alpha"], abs=0.05)
   for name in ("loss_vs_compute.png", "isoflop.png", "predicted_vs_observed.png"):
     assert os.path.getsize(out / name) > 10_000
-  assert "tokens/param" in capsys.readouterr().out
+  # Records that declare their data's entropy get E compared with it.
+  assert result["entropy"]["H"] == TRUE["E"]
+  assert result["entropy"]["E_minus_H"] == pytest.approx(result["parametric"]["E"] - TRUE["E"])
+  assert abs(result["entropy"]["relative_gap"]) < 0.05
+  out_text = capsys.readouterr().out
+  assert "tokens/param" in out_text and "the data's entropy H" in out_text
+
+
+def test_known_entropy_needs_every_row_to_agree():
+  assert scaling.known_entropy([{"data_entropy_nats": 1.5}] * 3) == 1.5
+  assert scaling.known_entropy([{"data_entropy_nats": 1.5}, {}]) is None
+  assert scaling.known_entropy([{"data_entropy_nats": 1.5}, {"data_entropy_nats": 1.6}]) is None
 
 
 def test_cli_names_a_missing_column(tmp_path, capsys):
