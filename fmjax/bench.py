@@ -329,4 +329,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from fmjax import host_malloc
+  host_malloc.reexec()
   sys.exit(main())

@@ -72,4 +72,6 @@ def train(cfg, workdir: str, allow_config_change: bool = False) -> int:
 
 
 if __name__ == "__main__":
+  from fmjax import host_malloc
+  host_malloc.reexec()
   sys.exit(main())
