@@ -1,7 +1,7 @@
 """The scaling-law mini-sweep on a corpus whose irreducible loss is known exactly.
 
 The twin of scaling_tiny.py: the same size dial (depth 1-4, d_model = 32 x
-depth, head dim 16) and IsoFLOP design, at four budgets from 1e12 to 8e12
+depth, head dim 16) and IsoFLOP design, at four budgets from 5e11 to 4e12
 FLOPs, but trained on `synthetic(states=512, branching=8)`: a sparse Markov
 chain over 512 states whose entropy rate is H = 1.7015 nats per token
 (fmjax/data/synthetic.py). No model can beat H, so the parametric fit's
@@ -20,7 +20,7 @@ smallest models sit well above H (a rank-32 unembedding cannot hold a
 from fmjax import config
 from fmjax import sweep as sweep_lib
 
-BUDGETS = (1e12, 2e12, 4e12, 8e12)
+BUDGETS = (5e11, 1e12, 2e12, 4e12)
 DEPTHS = (1, 2, 3, 4)
 
 

@@ -1,7 +1,7 @@
 """A scaling-law mini-sweep on the King James Bible: 4 FLOP budgets x 4 model sizes.
 
 Each member is the size dial at depth 1-4 (d_model = 32 x depth, head dim 16,
-d_ff = 8/3 d_model) trained to one FLOP budget (2e12 to 1.6e13, doubling), an
+d_ff = 8/3 d_model) trained to one FLOP budget (1e12 to 8e12, doubling), an
 IsoFLOP design. One fake CPU device per run: at these sizes a single device
 is the fastest layout on a 2-core machine.
 
@@ -17,13 +17,13 @@ prints the compute-optimal model for larger budgets. On a cluster, add
 Train a single member directly, e.g. the depth-2 model at the smallest budget:
 
   python -m fmjax.main --config=experiments/scaling_tiny.py --config.model.depth=2 \
-      --config.train.flops=2e12 --workdir=runs/scaling_tiny/flops2e+12_depth2
+      --config.train.flops=1e12 --workdir=runs/scaling_tiny/flops1e+12_depth2
 """
 
 from fmjax import config
 from fmjax import sweep as sweep_lib
 
-BUDGETS = (2e12, 4e12, 8e12, 1.6e13)
+BUDGETS = (1e12, 2e12, 4e12, 8e12)
 DEPTHS = (1, 2, 3, 4)
 
 
