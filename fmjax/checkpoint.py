@@ -17,6 +17,12 @@ usable, it raises CheckpointError: a run never starts from scratch over
 checkpoints it could not read.
 
 A state with a non-finite value is never written (NonFiniteCheckpoint).
+
+The directory may be a URL (gs://bucket/run/checkpoints; see checkpoint.root
+and `run_directory`), which every host of a pod can reach: orbax reads and
+writes it through tensorstore and etils.epath (which needs gcsfs for gs://).
+Digests are kept only for local directories: hashing a remote checkpoint would
+read it all back, and the object store checksums what it stores.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 
 import grain
 import jax
@@ -58,7 +63,8 @@ class Checkpointer:
   def __init__(self, directory, keep: int, async_save: bool = True, cleanup: bool = False):
     """`cleanup` removes temporary directories of interrupted saves: only for the one
     process that writes checkpoints here (a reader would delete a running save)."""
-    self.directory = os.path.abspath(directory)  # orbax requires absolute paths
+    self.directory = absolute(directory)
+    self.remote = is_url(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -105,7 +111,7 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    has_progress = os.path.isdir(os.path.join(self._path(step), "progress"))
+    has_progress = (epath.Path(self._path(step)) / "progress").is_dir()
     if has_progress:
       items["progress"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -152,6 +158,8 @@ class Checkpointer:
     process was killed between the save and its digest) passes: orbax's own
     checks at restore are all it gets.
     """
+    if self.remote:
+      return None
     path = self._path(step)
     try:
       with open(os.path.join(path, DIGEST)) as f:
@@ -190,11 +198,11 @@ class Checkpointer:
     return None
 
   def _quarantine(self, step):
-    target = os.path.join(self.directory + ".corrupt", str(step))
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.replace(self._path(step), target)
+    target = epath.Path(self.directory + ".corrupt") / str(step)
+    if target.exists():
+      target.rmtree()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(self._path(step)).rename(target)
 
   def _path(self, step) -> str:
     return os.path.join(self.directory, str(step))
@@ -204,7 +212,7 @@ class Checkpointer:
       return
     self.manager.wait_until_finished()
     step, self._undigested = self._undigested, None
-    if jax.process_index() != 0 or not os.path.isdir(self._path(step)):
+    if self.remote or jax.process_index() != 0 or not os.path.isdir(self._path(step)):
       return
     path = self._path(step)
     files = {}
@@ -233,9 +241,9 @@ def latest_checkpoint(path: str) -> tuple[str, int]:
 
   Raises FileNotFoundError naming the path if there is no checkpoint.
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  path = absolute(path)
   for directory in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(directory):
+    if epath.Path(directory).is_dir():
       manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
       step = manager.latest_step()
       manager.close()
@@ -264,6 +272,31 @@ def _finite(tree):
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def run_directory(workdir: str, root: str = "") -> str:
+  """Where the checkpoints of the run in `workdir` live: <workdir>/checkpoints, or under `root`.
+
+  With a root (a local path or a URL such as gs://bucket/fmjax), the workdir's
+  path is repeated under it: runs/x -> gs://bucket/fmjax/runs/x/checkpoints; an
+  absolute workdir loses its leading '/'. So each run of a sweep gets its own.
+  """
+  if not root:
+    return os.path.join(workdir, "checkpoints")
+  rel = os.path.normpath(os.path.expanduser(workdir)).lstrip("/")
+  if rel == ".." or rel.startswith("../"):
+    raise config_lib.ConfigError(f"--workdir={workdir} leaves the current directory, so it has "
+                                 f"no place under checkpoint.root={root}; give it absolute")
+  return f"{root.rstrip('/')}/{rel}/checkpoints"
+
+
+def is_url(path: str) -> bool:
+  return "://" in path
+
+
+def absolute(path: str) -> str:
+  """orbax needs absolute paths: a local one made absolute, a URL (gs://...) as it is."""
+  return path if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def _all_finite(tree) -> bool:

@@ -15,6 +15,8 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
+from fmjax import distributed  # noqa: F401  (defines the multi-process flags every command takes)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/pretrain_tiny.py[:arg].")
 
@@ -62,17 +64,21 @@ def parse_config(argv):
 def start_jax(cfg):
   """Starts jax for `cfg` and checks the config; returns (resolved config, device count).
 
-  Sets the accelerator's XLA flags (fmjax.xla_flags) and, if the config asks
-  for it, the number of fake CPU devices; then writes out the size dial and the
-  training horizon (fmjax.sizing) and validates. Raises ConfigError on a bad config.
+  Sets the accelerator's XLA flags (fmjax.xla_flags), joins the run's other
+  processes if there are any (fmjax.distributed) and, if the config asks for
+  it, sets the number of fake CPU devices (of this process); then writes out
+  the size dial and the training horizon (fmjax.sizing) and validates. Raises
+  ConfigError on a bad config or bad multi-process settings.
   """
   from fmjax import xla_flags
 
-  xla_flags.apply()
+  platform = xla_flags.apply()
   import jax
 
   from fmjax import config as config_lib
-  from fmjax import sizing
+  from fmjax import distributed, sizing
+
+  distributed.initialize(platform)
 
   if cfg.get("mesh") and cfg.mesh.get("cpu_devices"):
     jax.config.update("jax_num_cpu_devices", int(cfg.mesh.cpu_devices))

@@ -78,6 +78,11 @@ def base() -> ml_collections.ConfigDict:
       max_doc_bytes=1 << 20,  # longer documents are skipped, counted and logged
       bad_utf8="error",  # text that is not UTF-8: error (naming file and record) | skip
       max_skip_fraction=0.01,  # more skipped documents than this stops the run
+      # The train stream is read as this many shards (shard i: documents i, i+n, ...),
+      # each packed on its own and giving batch_size/shards rows of every batch; a
+      # process reads the shards of its rows. 0: one per process. Fixed, the batches
+      # are the same on any number of processes.
+      shards=0,
   )
   c.objective = dict(
       name="next_token",
@@ -139,11 +144,17 @@ def base() -> ml_collections.ConfigDict:
       # spike; 0 turns detection off.
       spike_zscore=6.0,
       spike_decay=0.98,
+      # Wall-clock budget ("90m", "2h", "1h30m", "3600"; "" none): when it runs out,
+      # the run saves a checkpoint and exits 0, as on SIGTERM (fmjax/preemption.py).
+      max_runtime="",
   )
   # init_from: a workdir (or its checkpoints/ directory) whose latest parameters
   # start this run when its own workdir has no checkpoint: parameters only, with a
   # fresh optimizer at step 0 (continued pretraining, fine-tuning).
-  c.checkpoint = dict(every=200, keep=3, async_save=True, init_from="")
+  # root: "" keeps checkpoints in <workdir>/checkpoints; else they go to
+  # <root>/<workdir>/checkpoints, e.g. gs://bucket/fmjax/runs/x/checkpoints for
+  # --workdir=runs/x: storage every host of a pod can reach (fmjax.checkpoint).
+  c.checkpoint = dict(every=200, keep=3, async_save=True, init_from="", root="")
   return ml_collections.ConfigDict(c)
 
 
@@ -275,6 +286,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   if d.seq_len < 2:
     raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
   _positive("data.num_workers", d.num_workers, allow_zero=True)
+  _positive("data.shards", d.shards, allow_zero=True)
+  if d.shards and t.batch_size % d.shards:
+    raise ConfigError(f"data.shards={d.shards} must divide train.batch_size={t.batch_size}")
 
   _choice("objective.name", cfg.objective.name, OBJECTIVES)
   _positive("objective.z_loss", cfg.objective.z_loss, allow_zero=True)
@@ -302,6 +316,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   _positive("train.spike_zscore", t.spike_zscore, allow_zero=True)
   if not 0 < t.spike_decay < 1:
     raise ConfigError(f"train.spike_decay={t.spike_decay} must be in (0, 1), e.g. 0.98")
+  from fmjax.preemption import parse_duration
+  try:
+    parse_duration(t.max_runtime)
+  except ValueError as e:
+    raise ConfigError(f"train.max_runtime: {e}") from None
   _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
   _positive("checkpoint.keep", cfg.checkpoint.keep)
 

@@ -5,6 +5,12 @@ there (see fmjax.checkpoint); no file in the workdir is written before that
 restore has succeeded. Metrics of step t are fetched only after step t+1 has
 been dispatched, so the device never waits on logging; fmjax.guard reads them
 for non-finite steps and loss spikes.
+
+With several processes (fmjax.distributed), each reads the rows of the batch
+its devices hold; only process 0 writes records, plots and console output;
+all of them save and restore checkpoints together. SIGTERM or the end of
+train.max_runtime stops every process after the same step, with a checkpoint
+(fmjax.preemption).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import tqdm
 
 from fmjax import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
-from fmjax import cost, guard as guard_lib, metrics as metrics_lib, sample, sharding, train
+from fmjax import cost, distributed, guard as guard_lib, metrics as metrics_lib, preemption
+from fmjax import sample, sharding, train
 from fmjax import workdir as workdir_lib
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 
@@ -62,6 +69,12 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
   checkpoints of another shape; one of RUN_ERRORS if the run cannot go on.
   """
   started = time.time()
+  # From here on, SIGTERM stops the run cleanly after its current step.
+  with preemption.Stop(preemption.parse_duration(cfg.train.max_runtime), started) as stop:
+    return _run(cfg, workdir, allow_config_change, stop, started)
+
+
+def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
   t, d = cfg.train, cfg.data
   mesh = sharding.make_mesh(cfg.mesh)
   s = train.setup(cfg, mesh)  # raises ConfigError on a sharding that cannot work
@@ -72,22 +85,26 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
       pipeline.open_sources(d, "train")
       if cfg.checkpoint.init_from:
         checkpoint_lib.latest_checkpoint(cfg.checkpoint.init_from)
+      rows = distributed.host_rows(s.batch_sharding, t.batch_size)  # this process's rows
+      shards = d.shards or jax.process_count()
+      pipeline.host_shards(t.batch_size, rows, shards)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(str(e)) from None
-    per_host_batch = t.batch_size // jax.process_count()
-    train_iter = iter(pipeline.train_dataset(
-        d, tok, batch_size=per_host_batch, process_index=jax.process_index(),
-        process_count=jax.process_count()))
-    eval_data = pipeline.eval_batches(d, tok, batch_size=per_host_batch,
-                                      num_batches=d.eval_batches)
+    train_iter = iter(pipeline.host_train_dataset(d, tok, batch_size=t.batch_size, rows=rows,
+                                                  shards=shards))
+    eval_data = [{k: v[rows[0]:rows[1]] for k, v in b.items()} for b in pipeline.eval_batches(
+        d, tok, batch_size=t.batch_size, num_batches=d.eval_batches)]
     _probe(train_iter)
 
+  checkpoints = checkpoint_lib.run_directory(workdir, cfg.checkpoint.root)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.lock(workdir), checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
-      async_save=cfg.checkpoint.async_save, cleanup=True) as ckpt:
+  # Process 0 holds the lock: the others may share its workdir (fmjax.launch_local).
+  lock = workdir_lib.lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, checkpoint_lib.Checkpointer(checkpoints, keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save,
+                                         cleanup=True) as ckpt:
     workdir_lib.check_config(workdir, cfg.to_dict(), allow_config_change)
-    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started)
+    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop)
 
 
 def _probe(iterator):
@@ -101,7 +118,7 @@ def _warn(message: str):
   print(message, file=sys.stderr, flush=True)
 
 
-def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> dict:
+def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop) -> dict:
   t, d = cfg.train, cfg.data
   is_main = jax.process_index() == 0
   restored = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
@@ -113,7 +130,8 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> 
     state, progress = train.init_state(s, t.seed, params), {}
   else:
     state, progress = restored.state, restored.progress
-    print(f"resuming from checkpoint {restored.step}", flush=True)
+    if is_main:
+      print(f"resuming from checkpoint {restored.step}", flush=True)
   start = int(jax.device_get(state["step"]))
   drawn = progress.get("batches", start)  # batches taken from train_iter, over all restarts
   guard = guard_lib.Guard(t, progress.get("guard"))
@@ -166,7 +184,7 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> 
       writer.write(step, record)
       raise
     record.update(verdict.record)
-    for message in verdict.messages:
+    for message in verdict.messages if is_main else ():
       bar.write(message)
     if verdict.log or step % t.log_every == 0 or step == t.steps:
       writer.write(step, record)
@@ -187,13 +205,14 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> 
       metrics_lib.truncate(records_path, r.step)
     writer.write(r.step, {"event": "nonfinite_restore", "skipped_batches": skip,
                           "last_bad_batch": bad_number})
-    bar.write(f"restored checkpoint {r.step} and skipped {skip} batches")
+    if is_main:
+      bar.write(f"restored checkpoint {r.step} and skipped {skip} batches")
     bar.n = r.step
     bar.refresh()
     return r
 
   with jax.set_mesh(mesh):
-    done = start
+    done, stopped = start, ""
     while done < t.steps:
       drawn += 1
       batch = guard_lib.inject(next(train_iter), drawn, poisoned)
@@ -213,6 +232,11 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> 
         guard.restored()
         clock[0] = time.perf_counter()
         continue
+      stopped = stop.poll()  # every process, every step: they agree on the step to stop at
+      if stopped and done < t.steps:
+        flush()
+        save(done, force=True)
+        break
       if evaluate_now:
         eval_loss = _eval(s, eval_step, state, eval_data, writer, done, bar)
         clock[0] = time.perf_counter()
@@ -220,6 +244,13 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> 
         save(done)
         clock[0] = time.perf_counter()
     bar.close()
+    if stopped and done < t.steps:
+      ckpt.wait()
+      writer.close()
+      if is_main:
+        print(f"stopped at step {done} of {t.steps} ({stopped}): checkpoint {done} saved; run "
+              "the same command to resume", flush=True)
+      return {"stopped": stopped, "step": done}
     if start < t.steps or eval_loss is None:
       eval_loss = _eval(s, eval_step, state, eval_data, writer, t.steps, None)
     if start < t.steps:
@@ -244,9 +275,11 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> 
           f"{tokens_per_s:,.0f} tokens/s, MFU {summary['mfu']:.1%} of {peak / 1e9:.0f} "
           f"GFLOP/s ({peak_source})")
     print(f"loss curve: {os.path.join(workdir, 'loss_curve.png')}")
-    if t.sample_tokens:
-      text = sample.sample_text(jax.device_get(state["params"]), cfg, tok, t.sample_prompt,
-                                t.sample_tokens, t.sample_temperature, seed=t.seed)
+  if t.sample_tokens:
+    params = _host_copy(state["params"])  # a collective: every process takes part
+    if is_main:
+      text = sample.sample_text(params, cfg, tok, t.sample_prompt, t.sample_tokens,
+                                t.sample_temperature, seed=t.seed)
       print(f"sample: {text}")
   return summary
 
@@ -255,5 +288,14 @@ def _eval(s, eval_step, state, eval_data, writer, step, bar) -> float:
   result = train.evaluate(s, eval_step, state["params"], eval_data)
   writer.write(step, {f"eval_{k}": v for k, v in result.items()})
   message = f"step {step}: held-out loss {result['loss']:.4f}, accuracy {result['accuracy']:.3f}"
-  (bar.write if bar is not None else print)(message)
+  if jax.process_index() == 0:
+    (bar.write if bar is not None else print)(message)
   return result["loss"]
+
+
+def _host_copy(tree):
+  """The whole of a sharded tree as numpy arrays, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -8,6 +8,12 @@ checkpoint. The config is checked before anything is compiled or written: a bad
 field stops the run with a one-line error and leaves the workdir untouched.
 Exit status: 0 done, 2 bad command line or config, 1 any other failure (workdir
 in use, unreadable data, no usable checkpoint, a halt on non-finite steps).
+SIGTERM, or the end of --max_runtime, stops the run after its current step with
+a checkpoint and exit status 0; the same command resumes it.
+
+Several processes (one per host) run the same command; see fmjax.distributed
+for --coordinator_address, --num_processes and --process_id, and
+fmjax.launch_local for several processes on one machine.
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ from fmjax.cli import UsageError
 from fmjax.workdir import RESUMABLE_CHANGES, config_changes  # noqa: F401  (part of the CLI's API)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and records.")
+_MAX_RUNTIME = flags.DEFINE_string(
+    "max_runtime", None, "Wall-clock budget (90m, 2h, 1h30m, 3600): when it runs out the run "
+    "saves a checkpoint and exits 0, as on SIGTERM. Sets train.max_runtime.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose saved config differs in fields "
     "that change the run's results.")
@@ -31,7 +40,10 @@ def parse_flags(argv):
   cli.parse_flags(argv)
   if not _WORKDIR.value:
     raise UsageError("--workdir is required, e.g. --workdir=runs/my_run")
-  return cli.load_config(), _WORKDIR.value
+  cfg = cli.load_config()
+  if _MAX_RUNTIME.value is not None:
+    cfg.train.max_runtime = _MAX_RUNTIME.value
+  return cfg, _WORKDIR.value
 
 
 def main(argv=None) -> int:

@@ -57,7 +57,8 @@ def main(argv=None):
   cfg = config_lib.base()  # fields newer than the run keep their defaults
   with open(config_path) as f:
     cfg.update(json.load(f))
-  ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=cfg.checkpoint.keep)
+  ckpt = checkpoint.Checkpointer(checkpoint.run_directory(args.workdir, cfg.checkpoint.get("root", "")),
+                                 keep=cfg.checkpoint.keep)
   step = args.step if args.step is not None else ckpt.latest_step()
   if step is None:
     sys.exit(f"fmjax.sample: no checkpoint in {args.workdir}/checkpoints; train first")

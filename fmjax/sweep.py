@@ -13,11 +13,15 @@ member: the table that `python -m fmjax.scaling fit` reads.
   python -m fmjax.sweep --config=experiments/scaling_tiny.py --workdir=runs/scaling_tiny
   python -m fmjax.sweep --config=experiments/scaling_tiny.py --workdir=DIR --print_commands
   python -m fmjax.sweep --config=experiments/scaling_tiny.py --workdir=DIR --collect
+
+--config.FIELD=VALUE arguments apply to every member (e.g.
+--config.checkpoint.root=gs://bucket/fmjax on a TPU pod).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib.util
 import itertools
@@ -96,8 +100,12 @@ def apply_overrides(cfg, overrides: dict):
   return cfg
 
 
-def expand(path: str) -> list[Member]:
-  """The sweep's members, each with its fully resolved config."""
+def expand(path: str, common: dict | None = None) -> list[Member]:
+  """The sweep's members, each with its fully resolved config.
+
+  `common` overrides apply to every member (e.g. checkpoint.root on a pod);
+  members are named by their own overrides only.
+  """
   module = load_experiment(path)
   base = module.get_config()
   members, seen = [], {}
@@ -107,7 +115,8 @@ def expand(path: str) -> list[Member]:
       raise config_lib.ConfigError(f"sweep members {seen[name]} and {overrides} share the "
                                    f"name {name!r}; make their overrides differ")
     seen[name] = overrides
-    members.append(Member(name, dict(overrides), sizing.resolve(apply_overrides(base, overrides))))
+    overrides = {**(common or {}), **overrides}
+    members.append(Member(name, overrides, sizing.resolve(apply_overrides(base, overrides))))
   return members
 
 
@@ -217,9 +226,18 @@ def main(argv=None) -> int:
                       help="print one launch command per unfinished member instead of running")
   parser.add_argument("--collect", action="store_true",
                       help="only rebuild records.jsonl from finished members")
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  common = {}
+  for arg in rest:
+    key, eq, value = arg.partition("=")
+    if not (key.startswith("--config.") and eq):
+      parser.error(f"unrecognized argument {arg}; only --config.FIELD=VALUE, for every member")
+    try:
+      common[key[len("--config."):]] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      common[key[len("--config."):]] = value
   try:
-    members = expand(args.config)
+    members = expand(args.config, common)
   except config_lib.ConfigError as e:
     print(f"fmjax.sweep: {e}", file=sys.stderr)
     return 2

@@ -20,7 +20,8 @@ import os
 # (its length, logging, checkpointing, layout, what it does about a fault),
 # not what it computes.
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.log_every", "train.eval_every",
-                     "train.sample_", "train.nonfinite", "train.spike_", "checkpoint.",
+                     "train.sample_", "train.nonfinite", "train.spike_", "train.max_runtime",
+                     "checkpoint.",
                      "mesh.", "sharding.", "data.num_workers", "data.data_dir",
                      "model.remat", "model.scan_layers")
 
@@ -70,11 +71,18 @@ def _flatten(d, prefix=""):
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
-  """'field: old -> new' for every leaf that differs and may not differ on resume."""
+  """'field: old -> new' for every leaf that differs and may not differ on resume.
+
+  A field missing from `old` (a config saved before the field existed) that has
+  its default value in `new` is no change.
+  """
+  from fmjax.config import base
   a, b = dict(_flatten(old)), dict(_flatten(new))
+  defaults = dict(_flatten(base().to_dict()))
   changed = []
   for key in sorted(set(a) | set(b)):
-    if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES):
+    added_since = key not in a and key in defaults and b.get(key) == defaults[key]
+    if a.get(key) != b.get(key) and not added_since and not key.startswith(RESUMABLE_CHANGES):
       changed.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
   return changed
 

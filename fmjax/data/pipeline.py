@@ -236,6 +236,60 @@ def train_dataset(d, tokenizer: Tokenizer, *, batch_size: int, process_index: in
   return _JsonState(mixed.batch(batch_size, drop_remainder=True))
 
 
+def host_shards(batch_size: int, rows: tuple[int, int], shards: int) -> range:
+  """The data shards that give rows [start, stop) of each batch; ValueError if none do."""
+  start, stop = rows
+  if batch_size % shards:
+    raise ValueError(f"train.batch_size={batch_size} does not split into {shards} data shards; "
+                     "set data.shards to a divisor of it")
+  per_shard = batch_size // shards
+  if start % per_shard or stop % per_shard:
+    raise ValueError(f"this process feeds rows {start} to {stop} of each batch, not a whole "
+                     f"number of data shards of {per_shard} rows; set data.shards to a "
+                     "multiple of the process count")
+  return range(start // per_shard, stop // per_shard)
+
+
+def host_train_dataset(d, tokenizer: Tokenizer, *, batch_size: int, rows: tuple[int, int],
+                       shards: int) -> grain.IterDataset:
+  """Rows [start, stop) of each global train batch of `batch_size` rows.
+
+  The global stream is `shards` streams of train_dataset (shard i reads
+  documents i, i+shards, ...), each giving batch_size / shards rows of every
+  batch, in shard order. A process reads only the shards of its rows, so the
+  global batches depend on `shards`, not on how many processes read them: a
+  run on one process and on several gives the same batches. With one shard
+  per process this is train_dataset for that host (and checkpoints the same
+  iterator state).
+  """
+  per_shard = batch_size // shards
+  streams = [train_dataset(d, tokenizer, batch_size=per_shard, process_index=i,
+                           process_count=shards)
+             for i in host_shards(batch_size, rows, shards)]
+  return streams[0] if len(streams) == 1 else _Rows(streams)
+
+
+class _Rows(grain.IterDataset):
+  """Batches of several streams, their rows concatenated in order; state: one per stream."""
+
+  def __iter__(self):
+    return _RowsIterator([p.__iter__() for p in self._parents])
+
+
+class _RowsIterator(grain.DatasetIterator):
+
+  def __next__(self):
+    batches = [next(p) for p in self._parents]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return {"shards": [p.get_state() for p in self._parents]}
+
+  def set_state(self, state):
+    for p, s in zip(self._parents, state["shards"], strict=True):
+      p.set_state(s)
+
+
 def eval_batches(d, tokenizer: Tokenizer, *, batch_size: int, num_batches: int) -> list[dict]:
   """The first `num_batches` full batches of the validation split, in stored order.
 

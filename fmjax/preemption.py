@@ -1,0 +1,110 @@
+"""Stopping a run early and cleanly: on SIGTERM, or when train.max_runtime runs out.
+
+A spot or preemptible TPU VM gets SIGTERM shortly before it goes away; a
+batch scheduler sends it before a job's time limit. `Stop` turns SIGTERM, or
+the run's wall-clock budget running out, into a request that the training
+loop reads once per step: the loop finishes the step, saves a checkpoint and
+exits 0, and the same command resumes exactly from there.
+
+With several processes, every one must stop after the same step (saving a
+checkpoint is collective), even if only one of them got the signal or its
+clock ran out first. Each step, each process puts its own request into a
+tiny all-reduce (the maximum over processes), dispatched right after the
+step and read one step later, so the host never waits on it: every process
+reads the same answer after the same step. With one process there is nothing
+to agree on and the request is read at once.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import numpy as np
+
+REASONS = ("", "SIGTERM", "max_runtime")  # indexed by the code the processes agree on
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms]?)")
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}
+
+
+def parse_duration(text: str) -> float:
+  """'3600', '3600s', '90m', '2h', '1h30m', '1d' -> seconds; '' -> 0 (no limit).
+
+  Raises ValueError on anything else.
+  """
+  text = text.strip().lower()
+  if not text:
+    return 0.0
+  parts = _DURATION.findall(text)
+  if not parts or "".join(n + u for n, u in parts) != text or \
+      (len(parts) > 1 and any(u == "" for _, u in parts)):
+    raise ValueError(f"{text!r} is not a duration like 3600, 90m, 2h or 1h30m")
+  return sum(float(n) * _SECONDS[u] for n, u in parts)
+
+
+class Stop:
+  """Whether the run should stop after the step just dispatched, agreed by all processes."""
+
+  def __init__(self, max_runtime_s: float = 0.0, started: float | None = None):
+    import jax
+
+    self._signalled = False
+    started = time.time() if started is None else started
+    self._deadline = started + max_runtime_s if max_runtime_s > 0 else None
+    self._pending = None
+    self._agree = _all_reduce_max() if jax.process_count() > 1 else None
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    except ValueError:  # not the main thread: signals stay as they were
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self._signalled = True
+
+  def local(self) -> int:
+    """This process's own request: an index into REASONS."""
+    if self._signalled:
+      return 1
+    if self._deadline is not None and time.time() >= self._deadline:
+      return 2
+    return 0
+
+  def poll(self) -> str:
+    """'' to go on, else why to stop. Every process must call it once per step."""
+    if self._agree is None:
+      return REASONS[self.local()]
+    import jax
+    agreed = int(jax.device_get(self._pending)) if self._pending is not None else 0
+    self._pending = self._agree(self.local())
+    return REASONS[agreed]
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _all_reduce_max():
+  """code -> a replicated device scalar: the maximum of every process's code (not fetched)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices()), ("processes",))
+  spread, replicated = NamedSharding(mesh, P("processes")), NamedSharding(mesh, P())
+  reduce = jax.jit(jnp.max, out_shardings=replicated)
+  n = jax.local_device_count()
+
+  def agree(code: int):
+    local = np.full((n,), code, np.int32)
+    return reduce(jax.make_array_from_process_local_data(spread, local))
+
+  return agree
