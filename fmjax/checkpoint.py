@@ -30,6 +30,7 @@ import shutil
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -244,21 +245,43 @@ def latest_checkpoint(path: str) -> tuple[str, int]:
   raise FileNotFoundError(f"no checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
 
 
-def restore_params(path: str, abstract_params):
-  """The parameters of the latest checkpoint under `path`, onto `abstract_params`' shardings.
+def check_init_from(path: str, m) -> None:
+  """Raises a one-line ValueError or FileNotFoundError if `path` cannot start model `m`.
+
+  `path` is an fmjax workdir (or its checkpoints/ directory), or a Hugging Face
+  directory (config.json and safetensors weights; see fmjax/hf.py), which
+  must hold the model `m` describes.
+  """
+  from fmjax import hf
+  if hf.is_hf_dir(path):
+    hf.check(path, m)
+  else:
+    latest_checkpoint(path)
+
+
+def restore_params(path: str, abstract_params, m=None, step: int | None = None):
+  """The parameters of checkpoint `step` (default: the latest) under `path`, onto
+  `abstract_params`' shardings.
 
   Only the parameters are read (not the optimizer state or the data position),
   so the checkpoint may come from a run with another optimizer or mesh; the
-  parameter shapes must match.
+  parameter shapes must match. A Hugging Face directory is read with
+  fmjax.hf (model config `m` needed).
   """
-  directory, step = latest_checkpoint(path)
+  from fmjax import hf
+  if hf.is_hf_dir(path):
+    return hf.load_params(os.path.expanduser(path), m, abstract_params)
+  directory, latest = latest_checkpoint(path)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   target = {"params": abstract_params}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
+  restored = manager.restore(latest if step is None else step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
   manager.close()
   return restored["state"]["params"]
+
+
 @jax.jit
 def _finite(tree):
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -267,6 +290,9 @@ def _finite(tree):
 
 
 def _all_finite(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  if all(isinstance(x, (np.ndarray, np.generic)) for x in leaves):  # on the host: no copies
+    return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact))
   return bool(jax.device_get(_finite(tree)))
 
 
