@@ -315,37 +315,36 @@ def _reshape(name):
   return lambda d: rewrite_weights(d, lambda t: t.update({name: t[name][:-1]}))
 
 
-HF_CASES = [
-    (_garbage_config, "config.json is unreadable (JSONDecodeError"),
-    (_edit_config(model_type="mistral"),
-     "model_type='mistral' is not supported; fmjax converts llama and deepseek_v3 models"),
-    (_edit_config(rope_scaling=dict(rope_type="llama3", factor=8.0)),
-     "rope scaling type 'llama3' is not supported; fmjax has linear and yarn"),
-    (_edit_config(attention_bias=True), "attention_bias=True is not supported"),
-    (_edit_config(model_type="deepseek_v3", n_routed_experts=8, first_k_dense_replace=1),
-     "mixture-of-experts layers (n_routed_experts=8, first_k_dense_replace=1 < "
-     "num_hidden_layers=2) are not supported yet"),
-    (_edit_config(quantization_config={"quant_method": "fp8"}),
-     "quantized checkpoints (quantization_config) are not supported"),
-    (_edit_config(num_hidden_layers=3), "model.n_layers=2 but the checkpoint in"),
-    (_no_weights, "no model.safetensors or model.safetensors.index.json in"),
-    (_missing_shard, "-of-0000"),
-    (_truncated_shard, "is not a readable safetensors file"),
-    (_drop("model.layers.1.mlp.up_proj.weight"),
-     "has no tensor model.layers.1.mlp.up_proj.weight (for fmjax's layers.w_up)"),
-    (_reshape("model.norm.weight"),
-     "tensor model.norm.weight in {d} has shape [63] but its config.json needs [64]"),
-    (_add("model.layers.0.self_attn.q_proj.bias", (64,)),
-     "tensor model.layers.0.self_attn.q_proj.bias has no place in fmjax's llama model; "
-     "nothing is dropped silently"),
-    (_add("model.layers.2.eh_proj.weight", (64, 128)),
-     "multi-token prediction (MTP) modules (model.layers.2.eh_proj.weight, ...) are not "
-     "supported"),
-]
+HF_CASES = {
+    "garbage_config": (_garbage_config, "config.json is unreadable (JSONDecodeError"),
+    "another_architecture": (_edit_config(model_type="mistral"), "model_type='mistral' is not "
+                             "supported; fmjax converts llama and deepseek_v3 models"),
+    "rope_llama3": (_edit_config(rope_scaling=dict(rope_type="llama3", factor=8.0)),
+                    "rope scaling type 'llama3' is not supported; fmjax has linear and yarn"),
+    "biases": (_edit_config(attention_bias=True), "attention_bias=True is not supported"),
+    "moe": (_edit_config(model_type="deepseek_v3", n_routed_experts=8, first_k_dense_replace=1),
+            "mixture-of-experts layers (n_routed_experts=8, first_k_dense_replace=1 < "
+            "num_hidden_layers=2) are not supported yet"),
+    "quantized": (_edit_config(quantization_config={"quant_method": "fp8"}),
+                  "quantized checkpoints (quantization_config) are not supported"),
+    "another_model": (_edit_config(num_hidden_layers=3), "model.n_layers=2 but the checkpoint in"),
+    "no_weights": (_no_weights, "no model.safetensors or model.safetensors.index.json in"),
+    "missing_shard": (_missing_shard, "safetensors is missing"),
+    "truncated_shard": (_truncated_shard, "is not a readable safetensors file"),
+    "missing_tensor": (_drop("model.layers.1.mlp.up_proj.weight"),
+                       "has no tensor model.layers.1.mlp.up_proj.weight (for fmjax's layers.w_up)"),
+    "wrong_shape": (_reshape("model.norm.weight"), "tensor model.norm.weight in {d} has shape "
+                    "[63] but its config.json needs [64]"),
+    "extra_tensor": (_add("model.layers.0.self_attn.q_proj.bias", (64,)),
+                     "tensor model.layers.0.self_attn.q_proj.bias has no place in fmjax's llama "
+                     "model; nothing is dropped silently"),
+    "mtp": (_add("model.layers.2.eh_proj.weight", (64, 128)),
+            "multi-token prediction (MTP) modules (model.layers.2.eh_proj.weight, ...) are not "
+            "supported"),
+}
 
 
-@pytest.mark.parametrize("damage,needle", HF_CASES,
-                         ids=lambda c: getattr(c, "__name__", "").strip("_<>") or None)
+@pytest.mark.parametrize("damage,needle", HF_CASES.values(), ids=HF_CASES.keys())
 def test_hf_directories(capsys, hf_dir, built_data, tmp_path, damage, needle):
   copy = str(tmp_path / "hf")
   shutil.copytree(hf_dir, copy)
