@@ -56,15 +56,21 @@ class Restored:
 
 class Checkpointer:
 
-  def __init__(self, directory, keep: int, async_save: bool = True, cleanup: bool = False):
+  def __init__(self, directory, keep: int, async_save: bool = True, cleanup: bool = False,
+               save_gb_in_flight: int | None = None):
     """`cleanup` removes temporary directories of interrupted saves: only for the one
-    process that writes checkpoints here (a reader would delete a running save)."""
+    process that writes checkpoints here (a reader would delete a running save).
+    `save_gb_in_flight` bounds the host copies a save makes of the state (orbax
+    copies all of it at once otherwise): for states as large as the host's memory."""
     self.directory = os.path.abspath(directory)  # orbax requires absolute paths
+    self._bounded = save_gb_in_flight is not None
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=cleanup),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(
+            save_device_host_concurrent_gb=save_gb_in_flight)} if self._bounded else None,
     )
     self._undigested = None  # the step whose save may still be running
 
@@ -86,7 +92,7 @@ class Checkpointer:
       raise NonFiniteCheckpoint(f"the state at step {step} has NaN or Inf values; "
                                 "it was not checkpointed")
     self._write_pending_digest()  # orbax finishes the previous save before starting one
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": (ocp.args.PyTreeSave if self._bounded else ocp.args.StandardSave)(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if progress is not None:

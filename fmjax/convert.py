@@ -31,6 +31,7 @@ import shutil
 import sys
 import time
 
+import jax
 import numpy as np
 
 from fmjax import checkpoint as checkpoint_lib
@@ -168,11 +169,12 @@ def from_hf(hf_dir: str, out: str):
       node = params
       for p in parents:
         node = node.setdefault(p, {})
-      node[leaf] = x
+      node[leaf] = jax.device_put(x, jax.devices("cpu")[0])  # no copy on the host
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
+    # the model once in memory, plus at most 1 GB of orbax's copies for writing
     with checkpoint_lib.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1,
-                                     async_save=False) as ckpt:
+                                     async_save=False, save_gb_in_flight=1) as ckpt:
       ckpt.save(0, {"params": params})
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

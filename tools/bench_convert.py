@@ -28,6 +28,7 @@ def make_workdir(config_file: str, workdir: str, seed: int = 0) -> int:
   """A workdir with random parameters of the experiment's model; returns their number."""
   import importlib.util
 
+  import jax
   import numpy as np
 
   from fmjax import checkpoint, config as config_lib, model, sizing
@@ -42,17 +43,17 @@ def make_workdir(config_file: str, workdir: str, seed: int = 0) -> int:
   def draw(p: Param):
     x = rng.standard_normal(p.shape, dtype=np.float32)
     x *= 0.02
-    return x + 1 if p.init is ones else x
+    return jax.device_put(x + 1 if p.init is ones else x, jax.devices("cpu")[0])
 
-  params = __import__("jax").tree.map(draw, model.param_decls(cfg.model),
+  params = jax.tree.map(draw, model.param_decls(cfg.model),
                                       is_leaf=lambda x: isinstance(x, Param))
   os.makedirs(workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_lib.to_json(cfg))
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1,
-                               async_save=False) as ckpt:
+                               async_save=False, save_gb_in_flight=1) as ckpt:
     ckpt.save(0, {"params": params})
-  return sum(x.size for x in __import__("jax").tree.leaves(params))
+  return sum(x.size for x in jax.tree.leaves(params))
 
 
 def timed(args: list[str]) -> dict:
