@@ -60,8 +60,9 @@ class Checkpointer:
                save_gb_in_flight: int | None = None):
     """`cleanup` removes temporary directories of interrupted saves: only for the one
     process that writes checkpoints here (a reader would delete a running save).
-    `save_gb_in_flight` bounds the host copies a save makes of the state (orbax
-    copies all of it at once otherwise): for states as large as the host's memory."""
+    `save_gb_in_flight` (at least the largest array, in GB of 1e9 bytes) bounds the
+    host copies a save makes of the state (orbax copies all of it at once
+    otherwise): for states as large as the host's memory."""
     self.directory = os.path.abspath(directory)  # orbax requires absolute paths
     self._bounded = save_gb_in_flight is not None
     self.manager = ocp.CheckpointManager(
@@ -70,6 +71,7 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=cleanup),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(
+            save_concurrent_gb=save_gb_in_flight,
             save_device_host_concurrent_gb=save_gb_in_flight)} if self._bounded else None,
     )
     self._undigested = None  # the step whose save may still be running

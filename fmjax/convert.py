@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -86,6 +87,7 @@ def workdir_arrays(workdir: str, step: int | None, m):
         raise hf.FormatError(f"checkpoint {step} has shape {x.shape} for {t.param} but "
                              f"config.json needs {shape}")
       yield t.param, x
+      del out, x  # before the next parameter is read
     ckpt.close()
 
   return step, read()
@@ -172,9 +174,10 @@ def from_hf(hf_dir: str, out: str):
       node[leaf] = jax.device_put(x, jax.devices("cpu")[0])  # no copy on the host
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-    # the model once in memory, plus at most 1 GB of orbax's copies for writing
-    with checkpoint_lib.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1,
-                                     async_save=False, save_gb_in_flight=1) as ckpt:
+    # the model once in memory, plus orbax's copies of about one parameter for writing
+    largest = max(x.nbytes for x in jax.tree.leaves(params))
+    with checkpoint_lib.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False,
+                                     save_gb_in_flight=math.ceil(largest / 1e9)) as ckpt:
       ckpt.save(0, {"params": params})
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

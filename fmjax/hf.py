@@ -402,9 +402,9 @@ def save(directory: str, m, seq_len: int, arrays: Iterator[tuple[str, np.ndarray
   for t, shape in table:
     name, x = next(arrays)
     assert name == t.param and x.shape == shape, (name, t.param, x.shape, shape)
-    slices = list(x) if _stacked(t) else [x]
-    for hf_name, x_i in zip(hf_names(t, m), slices):
-      writer.write(hf_name, to_hf(t, x_i, m).astype(out_dtype))
+    for hf_name, x_i in zip(hf_names(t, m), x if _stacked(t) else [x]):
+      writer.write(hf_name, to_hf(t, x_i, m).astype(out_dtype, copy=False))
+    del x  # before the next parameter is read
   writer.close()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,20 +52,26 @@ def make_workdir(config_file: str, workdir: str, seed: int = 0) -> int:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_lib.to_json(cfg))
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1,
-                               async_save=False, save_gb_in_flight=1) as ckpt:
+                               async_save=False,
+                               save_gb_in_flight=math.ceil(max(x.nbytes for x in
+                                                               jax.tree.leaves(params)) / 1e9)) as ckpt:
     ckpt.save(0, {"params": params})
   return sum(x.size for x in jax.tree.leaves(params))
 
 
 def timed(args: list[str]) -> dict:
-  """Runs `python -m fmjax.convert ARGS`; its wall time (s) and peak RSS (GiB)."""
+  """Runs `python ARGS` from this small process; its wall time (s) and peak RSS (GiB).
+
+  The parent must stay small: a child's ru_maxrss counts the parent's memory it
+  was forked with.
+  """
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   start = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, "-m", "fmjax.convert", *args], env=env)
+  proc = subprocess.Popen([sys.executable, *args], env=env)
   _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
   if os.waitstatus_to_exitcode(status) != 0:
-    raise SystemExit(f"fmjax.convert {' '.join(args)} failed")
+    raise SystemExit(f"{' '.join(args)} failed")
   return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
 
 
@@ -73,24 +80,34 @@ def main():
   parser.add_argument("--config", default="experiments/bench_dense_1b.py")
   parser.add_argument("--dir", required=True, help="a new directory for the checkpoints")
   parser.add_argument("--max_shard_gb", default="2")
+  parser.add_argument("--make_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   d = os.path.abspath(args.dir)
+  if args.make_only:  # in a child process, so that the parent stays small
+    with open(os.path.join(d, "params.json"), "w") as f:
+      json.dump(make_workdir(args.config, os.path.join(d, "run")), f)
+    return
   if os.path.exists(d):
     raise SystemExit(f"--dir={d} exists; give a new directory")
-  start = time.perf_counter()
-  n = make_workdir(args.config, os.path.join(d, "run"))
-  made = time.perf_counter() - start
+  os.makedirs(d)
+  convert = ["-m", "fmjax.convert"]
   shard = f"--max_shard_gb={args.max_shard_gb}"
-  out = {"config": args.config, "params": n, "float32_gib": round(4 * n / 2**30, 2),
-         "make_random_workdir_s": round(made, 1),
-         "to_hf": timed(["to-hf", f"--workdir={d}/run", f"--out={d}/hf", "--tokenizer=none", shard]),
-         "from_hf": timed(["from-hf", f"--hf={d}/hf", f"--out={d}/back"]),
-         "to_hf_again": timed(["to-hf", f"--workdir={d}/back", f"--out={d}/hf2",
-                               "--tokenizer=none", shard])}
+  out = {"config": args.config,
+         "make_random_workdir": timed([__file__, f"--config={args.config}", f"--dir={d}",
+                                       "--make_only"])}
+  with open(os.path.join(d, "params.json")) as f:
+    n = json.load(f)
+  out.update(params=n, float32_gib=round(4 * n / 2**30, 2))
+  out["to_hf"] = timed(convert + ["to-hf", f"--workdir={d}/run", f"--out={d}/hf",
+                                  "--tokenizer=none", shard])
+  out["from_hf"] = timed(convert + ["from-hf", f"--hf={d}/hf", f"--out={d}/back"])
+  out["to_hf_again"] = timed(convert + ["to-hf", f"--workdir={d}/back", f"--out={d}/hf2",
+                                        "--tokenizer=none", shard])
   names = sorted(os.listdir(f"{d}/hf"))
   out["hf_files"] = names
   out["round_trip_identical"] = (names == sorted(os.listdir(f"{d}/hf2")) and not any(
       filecmp.cmpfiles(f"{d}/hf", f"{d}/hf2", names, shallow=False)[1:]))
+  out["load_average_1min_at_end"] = os.getloadavg()[0]
   print(json.dumps(out, indent=1))
 
 
