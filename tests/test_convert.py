@@ -10,7 +10,6 @@ the tests that need them are skipped without it.
 import filecmp
 import json
 import os
-import shutil
 import subprocess
 import sys
 
