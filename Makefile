@@ -13,8 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The tests also need torch (CPU) and transformers, as references for fmjax.convert.
+$(VENV)/.installed-hf: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,hf]'
+	touch $@
+
 run: setup
 	$(PY) -m fmjax.main --config=experiments/pretrain_tiny.py --workdir=runs/pretrain_tiny
 
-test: setup
+test: $(VENV)/.installed-hf
 	$(PY) -m pytest -q

@@ -35,6 +35,7 @@ import os
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -60,16 +61,24 @@ class Restored:
 
 class Checkpointer:
 
-  def __init__(self, directory, keep: int, async_save: bool = True, cleanup: bool = False):
+  def __init__(self, directory, keep: int, async_save: bool = True, cleanup: bool = False,
+               save_gb_in_flight: int | None = None):
     """`cleanup` removes temporary directories of interrupted saves: only for the one
-    process that writes checkpoints here (a reader would delete a running save)."""
-    self.directory = absolute(directory)
+    process that writes checkpoints here (a reader would delete a running save).
+    `save_gb_in_flight` (at least the largest array, in GB of 1e9 bytes) bounds the
+    host copies a save makes of the state (orbax copies all of it at once
+    otherwise): for states as large as the host's memory."""
+    self.directory = absolute(directory)  # orbax requires absolute paths
     self.remote = is_url(self.directory)
+    self._bounded = save_gb_in_flight is not None
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=cleanup),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(
+            save_concurrent_gb=save_gb_in_flight,
+            save_device_host_concurrent_gb=save_gb_in_flight)} if self._bounded else None,
     )
     self._undigested = None  # the step whose save may still be running
 
@@ -91,7 +100,7 @@ class Checkpointer:
       raise NonFiniteCheckpoint(f"the state at step {step} has NaN or Inf values; "
                                 "it was not checkpointed")
     self._write_pending_digest()  # orbax finishes the previous save before starting one
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": (ocp.args.PyTreeSave if self._bounded else ocp.args.StandardSave)(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if progress is not None:
@@ -252,21 +261,43 @@ def latest_checkpoint(path: str) -> tuple[str, int]:
   raise FileNotFoundError(f"no checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
 
 
-def restore_params(path: str, abstract_params):
-  """The parameters of the latest checkpoint under `path`, onto `abstract_params`' shardings.
+def check_init_from(path: str, m) -> None:
+  """Raises a one-line ValueError or FileNotFoundError if `path` cannot start model `m`.
+
+  `path` is an fmjax workdir (or its checkpoints/ directory), or a Hugging Face
+  directory (config.json and safetensors weights; see fmjax/hf.py), which
+  must hold the model `m` describes.
+  """
+  from fmjax import hf
+  if hf.is_hf_dir(path):
+    hf.check(path, m)
+  else:
+    latest_checkpoint(path)
+
+
+def restore_params(path: str, abstract_params, m=None, step: int | None = None):
+  """The parameters of checkpoint `step` (default: the latest) under `path`, onto
+  `abstract_params`' shardings.
 
   Only the parameters are read (not the optimizer state or the data position),
   so the checkpoint may come from a run with another optimizer or mesh; the
-  parameter shapes must match.
+  parameter shapes must match. A Hugging Face directory is read with
+  fmjax.hf (model config `m` needed).
   """
-  directory, step = latest_checkpoint(path)
+  from fmjax import hf
+  if hf.is_hf_dir(path):
+    return hf.load_params(os.path.expanduser(path), m, abstract_params)
+  directory, latest = latest_checkpoint(path)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   target = {"params": abstract_params}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
+  restored = manager.restore(latest if step is None else step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
   manager.close()
   return restored["state"]["params"]
+
+
 @jax.jit
 def _finite(tree):
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -300,6 +331,9 @@ def absolute(path: str) -> str:
 
 
 def _all_finite(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  if all(isinstance(x, (np.ndarray, np.generic)) for x in leaves):  # on the host: no copies
+    return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact))
   return bool(jax.device_get(_finite(tree)))
 
 

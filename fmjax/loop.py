@@ -28,8 +28,8 @@ import tqdm
 
 from fmjax import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
-from fmjax import cost, distributed, guard as guard_lib, metrics as metrics_lib, preemption
-from fmjax import sample, sharding, train
+from fmjax import cost, distributed, guard as guard_lib, hf, metrics as metrics_lib
+from fmjax import preemption, sample, sharding, train
 from fmjax import workdir as workdir_lib
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 
@@ -44,7 +44,8 @@ class DataError(RuntimeError):
 
 # What stops a run after its config passed: each with a one-line message.
 RUN_ERRORS = (DataError, workdir_lib.WorkdirLocked, checkpoint_lib.CheckpointError,
-              checkpoint_lib.NonFiniteCheckpoint, guard_lib.NonFiniteError)
+              checkpoint_lib.NonFiniteCheckpoint, guard_lib.NonFiniteError,
+              hf.FormatError)  # an init_from HF tensor found bad only when read (NaN)
 
 
 @contextlib.contextmanager
@@ -84,7 +85,7 @@ def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
       pipeline.check_vocab(tok, cfg.model.vocab_size, d)
       pipeline.open_sources(d, "train")
       if cfg.checkpoint.init_from:
-        checkpoint_lib.latest_checkpoint(cfg.checkpoint.init_from)
+        checkpoint_lib.check_init_from(cfg.checkpoint.init_from, cfg.model)
       rows = distributed.host_rows(s.batch_sharding, t.batch_size)  # this process's rows
       shards = d.shards or jax.process_count()
       pipeline.host_shards(t.batch_size, rows, shards)
@@ -126,7 +127,7 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, sto
     params = None
     if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
       params = checkpoint_lib.restore_params(cfg.checkpoint.init_from,
-                                             s.abstract_state["params"])
+                                             s.abstract_state["params"], cfg.model)
     state, progress = train.init_state(s, t.seed, params), {}
   else:
     state, progress = restored.state, restored.progress

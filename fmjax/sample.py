@@ -57,17 +57,18 @@ def main(argv=None):
   cfg = config_lib.base()  # fields newer than the run keep their defaults
   with open(config_path) as f:
     cfg.update(json.load(f))
-  ckpt = checkpoint.Checkpointer(checkpoint.run_directory(args.workdir, cfg.checkpoint.get("root", "")),
-                                 keep=cfg.checkpoint.keep)
-  step = args.step if args.step is not None else ckpt.latest_step()
-  if step is None:
+  directory = checkpoint.run_directory(args.workdir, cfg.checkpoint.get("root", ""))
+  try:
+    checkpoint.latest_checkpoint(directory)
+  except FileNotFoundError:
     sys.exit(f"fmjax.sample: no checkpoint in {args.workdir}/checkpoints; train first")
   one_device = dict(data=1, fsdp=1, expert=1, tensor=1)
   mesh = sharding.make_mesh(one_device, jax.devices()[:1])
   s = train.setup(cfg, mesh)
-  state = ckpt.restore(step, s.abstract_state)
+  # parameters only: a checkpoint imported by fmjax.convert has no optimizer state
+  params = checkpoint.restore_params(directory, s.abstract_state["params"], step=args.step)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
-  texts = sample_texts(state["params"], cfg, tok, args.prompt or ["And God said"],
+  texts = sample_texts(params, cfg, tok, args.prompt or ["And God said"],
                        args.max_new_tokens, args.temperature, args.seed, args.top_k, args.top_p)
   print("\n\n".join(texts))
 

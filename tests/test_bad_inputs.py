@@ -3,20 +3,22 @@ the bad value, a non-zero exit status, and no file in the workdir changed.
 
 Most cases call `fmjax.main.train` (what the command line runs once its flags
 are parsed) in this process; the flag cases run the command line itself.
-HF checkpoint directories are not covered yet: fmjax has no HF import.
+Hugging Face directories are given as `checkpoint.init_from`.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 import sentencepiece as spm
 
 from conftest import tiny_config, tree_hash
-from fmjax import checkpoint, main as main_lib, workdir as workdir_lib
+from fmjax import checkpoint, convert, hf, main as main_lib, workdir as workdir_lib
 from fmjax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -245,9 +247,121 @@ def test_checkpoint_with_non_finite_values_is_never_written(tmp_path, trained, b
   assert os.listdir(target) == []
 
 
-@pytest.mark.skip(reason="fmjax has no HF checkpoint import yet")
-def test_hf_directories():
-  pass
+# -- Hugging Face directories as checkpoint.init_from --------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_dir(trained, tmp_path_factory):
+  """The trained model exported in the Llama format, in several safetensors files."""
+  out = str(tmp_path_factory.mktemp("hf") / "llama")
+  convert.to_hf(trained, out, max_shard_bytes=200_000)
+  assert os.path.isfile(os.path.join(out, hf.INDEX))
+  return out
+
+
+def rewrite_weights(directory, change):
+  """Applies `change` to the dict of every tensor, and writes them back as one file."""
+  reader = hf.Reader(directory)
+  tensors = {name: reader.get(name) for name in sorted(reader.names())}
+  change(tensors)
+  for name in os.listdir(directory):
+    if name.endswith(".safetensors") or name == hf.INDEX:
+      os.remove(os.path.join(directory, name))
+  writer = hf.Writer(directory, [(n, x.dtype, x.shape) for n, x in tensors.items()], 1 << 40)
+  for name, x in tensors.items():
+    writer.write(name, x)
+  writer.close()
+
+
+def _edit_config(**changes):
+  def damage(d):
+    with open(os.path.join(d, "config.json")) as f:
+      c = json.load(f)
+    c.update(changes)
+    with open(os.path.join(d, "config.json"), "w") as f:
+      json.dump(c, f)
+  return damage
+
+
+def _garbage_config(d):
+  with open(os.path.join(d, "config.json"), "w") as f:
+    f.write("{not json")
+
+
+def _no_weights(d):
+  for name in os.listdir(d):
+    if name.endswith(".safetensors") or name == hf.INDEX:
+      os.remove(os.path.join(d, name))
+
+
+def _missing_shard(d):
+  os.remove(os.path.join(d, sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))[-1]))
+
+
+def _truncated_shard(d):
+  path = os.path.join(d, sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))[0])
+  os.truncate(path, os.path.getsize(path) - 100)
+
+
+def _drop(name):
+  return lambda d: rewrite_weights(d, lambda t: t.pop(name))
+
+
+def _add(name, shape):
+  return lambda d: rewrite_weights(d, lambda t: t.update({name: np.zeros(shape, np.float32)}))
+
+
+def _reshape(name):
+  return lambda d: rewrite_weights(d, lambda t: t.update({name: t[name][:-1]}))
+
+
+HF_CASES = {
+    "garbage_config": (_garbage_config, "config.json is unreadable (JSONDecodeError"),
+    "another_architecture": (_edit_config(model_type="mistral"), "model_type='mistral' is not "
+                             "supported; fmjax converts llama and deepseek_v3 models"),
+    "rope_llama3": (_edit_config(rope_scaling=dict(rope_type="llama3", factor=8.0)),
+                    "rope scaling type 'llama3' is not supported; fmjax has linear and yarn"),
+    "biases": (_edit_config(attention_bias=True), "attention_bias=True is not supported"),
+    "moe": (_edit_config(model_type="deepseek_v3", n_routed_experts=8, first_k_dense_replace=1),
+            "mixture-of-experts layers (n_routed_experts=8, first_k_dense_replace=1 < "
+            "num_hidden_layers=2) are not supported yet"),
+    "quantized": (_edit_config(quantization_config={"quant_method": "fp8"}),
+                  "quantized checkpoints (quantization_config) are not supported"),
+    "another_model": (_edit_config(num_hidden_layers=3), "model.n_layers=2 but the checkpoint in"),
+    "no_weights": (_no_weights, "no model.safetensors or model.safetensors.index.json in"),
+    "missing_shard": (_missing_shard, "safetensors is missing"),
+    "truncated_shard": (_truncated_shard, "is not a readable safetensors file"),
+    "missing_tensor": (_drop("model.layers.1.mlp.up_proj.weight"),
+                       "has no tensor model.layers.1.mlp.up_proj.weight (for fmjax's layers.w_up)"),
+    "wrong_shape": (_reshape("model.norm.weight"), "tensor model.norm.weight in {d} has shape "
+                    "[63] but its config.json needs [64]"),
+    "extra_tensor": (_add("model.layers.0.self_attn.q_proj.bias", (64,)),
+                     "tensor model.layers.0.self_attn.q_proj.bias has no place in fmjax's llama "
+                     "model; nothing is dropped silently"),
+    "mtp": (_add("model.layers.2.eh_proj.weight", (64, 128)),
+            "multi-token prediction (MTP) modules (model.layers.2.eh_proj.weight, ...) are not "
+            "supported"),
+}
+
+
+@pytest.mark.parametrize("damage,needle", HF_CASES.values(), ids=HF_CASES.keys())
+def test_hf_directories(capsys, hf_dir, built_data, tmp_path, damage, needle):
+  copy = str(tmp_path / "hf")
+  shutil.copytree(hf_dir, copy)
+  damage(copy)
+  cfg = config(built_data)
+  cfg.checkpoint.init_from = copy
+  expect_refusal(capsys, str(tmp_path / "run"), cfg, needle.format(d=copy))
+
+
+def test_non_finite_hf_weights_are_not_imported(hf_dir, tmp_path):
+  copy = str(tmp_path / "hf")
+  shutil.copytree(hf_dir, copy)
+  rewrite_weights(copy, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__(
+      (3, 4), np.nan))
+  with pytest.raises(hf.FormatError, match="model.layers.1.mlp.up_proj.weight in .* has NaN"):
+    convert.from_hf(copy, str(tmp_path / "back"))
+  assert os.listdir(tmp_path) == ["hf"]  # nothing written, no temporary left
 
 
 # -- the command line ---------------------------------------------------------------

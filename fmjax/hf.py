@@ -1,0 +1,526 @@
+"""Hugging Face checkpoints: the Llama and DeepSeek-V3 formats, and their safetensors files.
+
+A format is two tables: model config fields (fmjax name -> HF config key) and
+tensors (`Tensor`: an fmjax parameter -> an HF tensor name, with how the
+layout changes). Grouped-query models are `LlamaForCausalLM`; MLA models are
+`DeepseekV3ForCausalLM` with every layer dense (`first_k_dense_replace` =
+`num_hidden_layers`). A mixture of experts is one more tensor table when
+fmjax has one (routed and shared experts, the router and its bias, the
+first-k dense layers).
+
+Layout changes, all exact (no arithmetic on values):
+  - HF linear weights are (out, in); fmjax's are (in..., out...): a reshape and
+    a transpose (`Tensor.n_in` is how many leading dims are the input);
+  - fmjax stacks layers along a leading axis; HF names each layer's tensor;
+  - DeepSeek-V3 checkpoints store the rotary dims of the query and of the
+    shared rotary key interleaved (pairs 2i, 2i+1), fmjax in rotate-half
+    order (i, i + R/2): `Tensor.rope` permutes those columns.
+
+Nothing is silently dropped. A config that one side cannot express (an MoE
+or MTP checkpoint, a rope scaling the other side does not have, biases, a
+tensor no table row reads) stops with a one-line `FormatError` naming it.
+
+Files are read and written one tensor at a time (fmjax/safetensors_files.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from fmjax import config as config_lib
+from fmjax.data import tokenizer as tokenizer_lib
+from fmjax.safetensors_files import INDEX, WEIGHTS, DTYPES, FormatError, Reader, Writer, read_json
+
+
+# -- the tables ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  param: str  # dotted fmjax parameter name, e.g. "layers.wq"
+  hf: str  # HF tensor name; "{i}" is the layer of a parameter stacked along "layers"
+  n_in: int = 0  # a linear weight whose first n_in dims (per layer) are its input; 0: same layout
+  rope: bool = False  # the last qk_rope_head_dim dims of the last axis are rotary
+
+
+def _common_tensors(m) -> list[Tensor]:
+  layer = "model.layers.{i}."
+  out = [
+      Tensor("embed", "model.embed_tokens.weight"),
+      Tensor("layers.attn_norm", layer + "input_layernorm.weight"),
+      Tensor("layers.mlp_norm", layer + "post_attention_layernorm.weight"),
+      Tensor("layers.w_gate", layer + "mlp.gate_proj.weight", n_in=1),
+      Tensor("layers.w_up", layer + "mlp.up_proj.weight", n_in=1),
+      Tensor("layers.w_down", layer + "mlp.down_proj.weight", n_in=1),
+      Tensor("final_norm", "model.norm.weight"),
+  ]
+  if not m.tie_embeddings:
+    out.append(Tensor("unembed", "lm_head.weight", n_in=1))
+  return out
+
+
+def _llama_tensors(m) -> list[Tensor]:
+  a = "model.layers.{i}.self_attn."
+  return [Tensor("layers.wq", a + "q_proj.weight", n_in=1),
+          Tensor("layers.wk", a + "k_proj.weight", n_in=1),
+          Tensor("layers.wv", a + "v_proj.weight", n_in=1),
+          Tensor("layers.wo", a + "o_proj.weight", n_in=2)] + _common_tensors(m)
+
+
+def _deepseek_tensors(m) -> list[Tensor]:
+  a = "model.layers.{i}.self_attn."
+  if m.q_lora_rank:
+    query = [Tensor("layers.wq_a", a + "q_a_proj.weight", n_in=1),
+             Tensor("layers.q_norm", a + "q_a_layernorm.weight"),
+             Tensor("layers.wq_b", a + "q_b_proj.weight", n_in=1, rope=True)]
+  else:
+    query = [Tensor("layers.wq", a + "q_proj.weight", n_in=1, rope=True)]
+  return query + [
+      Tensor("layers.wkv_a", a + "kv_a_proj_with_mqa.weight", n_in=1, rope=True),
+      Tensor("layers.kv_norm", a + "kv_a_layernorm.weight"),
+      Tensor("layers.wkv_b", a + "kv_b_proj.weight", n_in=1),
+      Tensor("layers.wo", a + "o_proj.weight", n_in=2),
+  ] + _common_tensors(m)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  model_type: str
+  architecture: str
+  attention: str  # the fmjax model.attention it holds
+  fields: dict  # fmjax model field -> HF config key, copied as they are
+  unused: tuple  # fmjax model fields this attention kind does not read
+  tensors: Callable  # m -> [Tensor]
+  fixed: dict  # HF config values the format writes, and requires when reading
+
+
+SHARED_FIELDS = {"vocab_size": "vocab_size", "d_model": "hidden_size",
+                 "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                 "d_ff": "intermediate_size", "tie_embeddings": "tie_word_embeddings",
+                 "norm_eps": "rms_norm_eps"}
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+              "v_head_dim")
+
+LLAMA = Format(
+    model_type="llama", architecture="LlamaForCausalLM", attention="gqa",
+    fields=dict(SHARED_FIELDS, n_kv_heads="num_key_value_heads", head_dim="head_dim"),
+    unused=MLA_FIELDS, tensors=_llama_tensors,
+    fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False})
+
+DEEPSEEK_V3 = Format(
+    model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", attention="mla",
+    fields=dict(SHARED_FIELDS, **{f: f for f in MLA_FIELDS}),
+    unused=("n_kv_heads", "head_dim"), tensors=_deepseek_tensors,
+    # HF DeepSeek-V3 normalizes the MLA latents with eps 1e-6 whatever rms_norm_eps is,
+    # so a model converts exactly only with norm_eps 1e-6.
+    fixed={"hidden_act": "silu", "attention_bias": False, "rms_norm_eps": 1e-6})
+
+FORMATS = {f.model_type: f for f in (LLAMA, DEEPSEEK_V3)}
+BY_ATTENTION = {f.attention: f for f in FORMATS.values()}
+
+# Model fields that are not part of the function a checkpoint holds.
+NOT_STORED = ("depth", "aspect_ratio", "attention", "init_std", "dtype", "remat",
+              "scan_layers", "rope_theta", "rope_scaling")  # rope: converted on their own
+# HF tensors that are derived, not learned: read by nobody, dropped by nobody.
+DERIVED = ("rotary_emb.inv_freq",)
+
+
+# -- configs ---------------------------------------------------------------------------
+
+
+def format_for(m) -> Format:
+  return BY_ATTENTION[m.attention]
+
+
+def check_model(m) -> Format:
+  """The format for model config `m`; FormatError if `m` asks for what the format cannot hold."""
+  fmt = format_for(m)
+  default = config_lib.base().model
+  known = set(fmt.fields) | set(fmt.unused) | set(NOT_STORED)
+  for name in m.keys():  # fields added later (MoE, MTP, ...) convert once a table row holds them
+    if name not in known and m[name] != default.get(name):
+      raise FormatError(f"model.{name}={m[name]!r} has no place in the {fmt.model_type} "
+                        f"format ({fmt.architecture}); fmjax cannot convert this model yet")
+  for field, key in fmt.fields.items():
+    if key in fmt.fixed and m[field] != fmt.fixed[key]:
+      raise FormatError(f"model.{field}={m[field]!r}: the {fmt.model_type} format holds only "
+                        f"{fmt.fixed[key]!r} (its MLA latent norms use it whatever the config "
+                        "says); set it to that")
+  _rope_to_hf(m, fmt)  # raises on a kind the format does not have
+  return fmt
+
+
+def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
+  """The HF config.json of model config `m` (checked with `check_model` first)."""
+  fmt = check_model(m)
+  c = {"architectures": [fmt.architecture], "model_type": fmt.model_type}
+  for field, key in fmt.fields.items():
+    c[key] = m[field]
+  if fmt is LLAMA:
+    c["head_dim"] = config_lib.head_dim(m)
+  else:
+    c.update(q_lora_rank=m.q_lora_rank or None, num_key_value_heads=m.n_heads,
+             qk_head_dim=m.qk_nope_head_dim + m.qk_rope_head_dim, head_dim=m.qk_rope_head_dim,
+             rope_interleave=True, num_nextn_predict_layers=0,
+             # every layer dense: no experts (n_routed_experts only has to be valid)
+             first_k_dense_replace=m.n_layers, n_routed_experts=1, n_shared_experts=0,
+             num_experts_per_tok=1, n_group=1, topk_group=1, moe_intermediate_size=m.d_ff)
+  c.update(fmt.fixed)
+  rope_theta, scaling = _rope_to_hf(m, fmt)
+  c.update(rope_theta=rope_theta, rope_scaling=scaling,
+           max_position_embeddings=(
+               int(round(scaling["original_max_position_embeddings"] * scaling["factor"]))
+               if scaling and scaling["rope_type"] == "yarn" else seq_len),
+           bos_token_id=tokenizer_lib.BOS_ID, eos_token_id=tokenizer_lib.EOS_ID,
+           pad_token_id=tokenizer_lib.PAD_ID, initializer_range=m.init_std,
+           torch_dtype=dtype, use_cache=True)
+  return c
+
+
+def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
+  """The fmjax model fields of an HF config dict; FormatError for what fmjax cannot hold."""
+  fmt = _format_of(hf_cfg, where)
+  first_dense = hf_cfg.get("first_k_dense_replace") or 0
+  if hf_cfg.get("n_routed_experts") and first_dense < hf_cfg.get("num_hidden_layers", 0):
+    raise FormatError(
+        f"{where}: mixture-of-experts layers (n_routed_experts={hf_cfg['n_routed_experts']}, "
+        f"first_k_dense_replace={first_dense} < num_hidden_layers="
+        f"{hf_cfg['num_hidden_layers']}) are not supported yet; fmjax converts dense models")
+  for key, want in fmt.fixed.items():
+    have = hf_cfg.get(key, want)
+    if have != want:
+      raise FormatError(f"{where}: {key}={have!r} is not supported; fmjax converts "
+                        f"{fmt.model_type} models with {key}={want!r} only")
+  if hf_cfg.get("quantization_config"):
+    raise FormatError(f"{where}: quantized checkpoints (quantization_config) are not "
+                      "supported; dequantize to float32 or bfloat16 first")
+  out = {"attention": fmt.attention}
+  for field, key in fmt.fields.items():
+    if key not in hf_cfg and field not in ("head_dim", "q_lora_rank", "tie_embeddings"):
+      raise FormatError(f"{where}: {key} is missing")
+    out[field] = hf_cfg.get(key)
+  out["tie_embeddings"] = bool(hf_cfg.get("tie_word_embeddings", False))
+  if fmt is LLAMA:
+    hd = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
+    out["head_dim"] = 0 if hd * hf_cfg["num_attention_heads"] == hf_cfg["hidden_size"] else hd
+    out["n_kv_heads"] = hf_cfg.get("num_key_value_heads") or hf_cfg["num_attention_heads"]
+  else:
+    out["q_lora_rank"] = hf_cfg.get("q_lora_rank") or 0
+  out["norm_eps"] = float(out["norm_eps"])
+  out["rope_theta"], out["rope_scaling"] = _rope_from_hf(hf_cfg, fmt, where)
+  return out
+
+
+def _format_of(hf_cfg: dict, where: str) -> Format:
+  kind = hf_cfg.get("model_type")
+  if kind not in FORMATS:
+    raise FormatError(f"{where}: model_type={kind!r} is not supported; fmjax converts "
+                      f"{' and '.join(FORMATS)} models")
+  return FORMATS[kind]
+
+
+# -- rotary embeddings -----------------------------------------------------------------
+
+
+def _mscale(factor: float, m: float) -> float:
+  """YaRN's attention temperature term (fmjax.rope.softmax_scale_factor is its square)."""
+  return 1.0 if factor <= 1 or not m else 0.1 * m * math.log(factor) + 1.0
+
+
+def _rope_to_hf(m, fmt: Format):
+  """(rope_theta, rope_scaling or None) for an HF config."""
+  r = m.rope_scaling
+  if r.kind == "none":
+    return m.rope_theta, None
+  if r.kind == "linear":
+    return m.rope_theta, {"rope_type": "linear", "type": "linear", "factor": r.factor}
+  if r.kind == "yarn":
+    s = {"rope_type": "yarn", "type": "yarn", "factor": r.factor,
+         "original_max_position_embeddings": r.original_seq_len,
+         "beta_fast": r.beta_fast, "beta_slow": r.beta_slow}
+    if fmt is DEEPSEEK_V3:  # softmax scale * mscale(mscale_all_dim)^2, cos and sin * 1
+      s.update(mscale=r.mscale, mscale_all_dim=r.mscale, attention_factor=1.0)
+    else:  # cos and sin * attention_factor: q.k * attention_factor^2 (mscale: for fmjax)
+      s.update(attention_factor=_mscale(r.factor, r.mscale), mscale=r.mscale)
+    return m.rope_theta, s
+  raise FormatError(f"model.rope_scaling.kind={r.kind!r} has no equivalent in the "
+                    f"{fmt.model_type} format (HF's 'dynamic' NTK changes with the sequence "
+                    "length); use linear or yarn")
+
+
+def _rope_from_hf(hf_cfg: dict, fmt: Format, where: str):
+  """(rope_theta, fmjax rope_scaling dict) from an HF config, old or new style."""
+  rp = dict(hf_cfg.get("rope_scaling") or {})
+  rp.update(hf_cfg.get("rope_parameters") or {})
+  theta = float(rp.get("rope_theta", hf_cfg.get("rope_theta", 10000.0)))
+  kind = rp.get("rope_type", rp.get("type")) or "default"
+  none = dict(config_lib.base().model.rope_scaling)
+  if rp.get("partial_rotary_factor", 1.0) != 1.0:
+    raise FormatError(f"{where}: partial_rotary_factor={rp['partial_rotary_factor']} is "
+                      "not supported")
+  if fmt is DEEPSEEK_V3 and kind != "yarn" and rp.get("mscale_all_dim"):
+    raise FormatError(f"{where}: mscale_all_dim with rope type {kind!r} is not supported "
+                      "(fmjax sharpens the softmax for yarn only)")
+  if kind == "default":
+    return theta, none
+  factor = rp.get("factor")
+  if kind == "linear" and factor:
+    return theta, dict(none, kind="linear", factor=float(factor))
+  if kind != "yarn":
+    what = "linear rope scaling without a factor" if kind == "linear" else (
+        f"rope scaling type {kind!r}")
+    raise FormatError(f"{where}: {what} is not supported; fmjax has linear and yarn")
+  if rp.get("truncate", True) is False:
+    raise FormatError(f"{where}: yarn with truncate=false is not supported")
+  original = int(rp["original_max_position_embeddings"])
+  if factor is None:
+    factor = hf_cfg["max_position_embeddings"] / original
+  factor = float(factor)
+  mscale, mscale_all = rp.get("mscale"), rp.get("mscale_all_dim")
+  af = rp.get("attention_factor")
+  if af is None:  # what transformers infers
+    af = (_mscale(factor, mscale) / _mscale(factor, mscale_all) if mscale and mscale_all
+          else _mscale(factor, 1.0))
+  total = af * (_mscale(factor, mscale_all) if fmt is DEEPSEEK_V3 and mscale_all else 1.0)
+  # fmjax multiplies the softmax by mscale(factor, m)^2: find m
+  candidates = [c for c in (mscale, mscale_all, 1.0, 0.0) if c is not None]
+  m = next((float(c) for c in candidates if math.isclose(_mscale(factor, c), total,
+                                                          rel_tol=1e-12)), None)
+  if m is None:
+    if factor <= 1:
+      raise FormatError(f"{where}: yarn with factor {factor} <= 1 and attention factor "
+                        f"{total} is not supported")
+    m = (total - 1.0) / (0.1 * math.log(factor))
+  return theta, dict(none, kind="yarn", factor=factor, original_seq_len=original,
+                     beta_fast=float(rp.get("beta_fast") or 32.0),
+                     beta_slow=float(rp.get("beta_slow") or 1.0), mscale=m)
+
+
+# -- tensors ---------------------------------------------------------------------------
+
+
+def _rope_order(R: int) -> np.ndarray:
+  """HF interleaved position j holds fmjax rotate-half dim order[j]: 0, R/2, 1, R/2+1, ..."""
+  return np.stack([np.arange(R // 2), np.arange(R // 2) + R // 2], axis=-1).reshape(-1)
+
+
+def _permute_rope(x: np.ndarray, R: int, to_hf: bool) -> np.ndarray:
+  order = _rope_order(R) if to_hf else np.argsort(_rope_order(R))
+  cols = np.concatenate([np.arange(x.shape[-1] - R), x.shape[-1] - R + order])
+  return x[..., cols]
+
+
+def hf_shape(t: Tensor, shape: tuple) -> tuple:
+  """The HF shape of one layer's slice of shape `shape`."""
+  if not t.n_in:
+    return tuple(shape)
+  return (math.prod(shape[t.n_in:]), math.prod(shape[:t.n_in]))
+
+
+def to_hf(t: Tensor, x: np.ndarray, m) -> np.ndarray:
+  """One layer's slice of an fmjax parameter in HF layout (C order)."""
+  if t.rope:
+    x = _permute_rope(x, m.qk_rope_head_dim, to_hf=True)
+  if t.n_in:
+    x = x.reshape(hf_shape(t, x.shape)[::-1]).T
+  return np.ascontiguousarray(x)
+
+
+def from_hf(t: Tensor, y: np.ndarray, shape: tuple, m, interleaved: bool) -> np.ndarray:
+  """The inverse of `to_hf`: an HF tensor as one layer's slice of shape `shape`."""
+  x = y.T.reshape(shape) if t.n_in else y.reshape(shape)
+  if t.rope and interleaved:
+    x = _permute_rope(x, m.qk_rope_head_dim, to_hf=False)
+  return x
+
+
+def tensor_table(m, decls) -> list[tuple[Tensor, tuple]]:
+  """[(row, fmjax shape)] covering every parameter in `decls` exactly once."""
+  from fmjax.params import leaves_with_names
+  fmt = format_for(m)
+  shapes = {name: p.shape for name, p in leaves_with_names(decls)}
+  rows = fmt.tensors(m)
+  missing = sorted(set(shapes) - {r.param for r in rows})
+  if missing:
+    raise FormatError(f"fmjax parameter {missing[0]} has no place in the {fmt.model_type} "
+                      "format; fmjax cannot convert this model yet")
+  return [(r, shapes[r.param]) for r in rows]
+
+
+def hf_names(t: Tensor, m) -> list[str]:
+  """The HF tensor names of a row: one per layer of a stacked parameter."""
+  return [t.hf.format(i=i) for i in range(m.n_layers)] if "{i}" in t.hf else [t.hf]
+
+
+def _stacked(t: Tensor) -> bool:
+  return "{i}" in t.hf
+
+
+# -- whole directories -----------------------------------------------------------------
+
+
+def is_hf_dir(path: str) -> bool:
+  """A directory with HF weights, or whose config.json has a model_type (fmjax's has not)."""
+  path = os.path.expanduser(path)
+  if any(os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS, INDEX)):
+    return True
+  try:
+    return "model_type" in read_json(os.path.join(path, "config.json"))
+  except FormatError:
+    return False
+
+
+def read_config(directory: str) -> tuple[dict, dict]:
+  """(HF config dict, fmjax model fields) of an HF directory."""
+  where = os.path.join(directory, "config.json")
+  hf_cfg = read_json(where)
+  return hf_cfg, model_fields(hf_cfg, where)
+
+
+def save(directory: str, m, seq_len: int, arrays: Iterator[tuple[str, np.ndarray]],
+         max_shard_bytes: int = 2 << 30, dtype: str = "float32"):
+  """Writes config.json and the weights of model `m` into `directory` (which exists).
+
+  `arrays` yields (fmjax parameter name, its whole value) in the order of
+  `tensor_table`; each is written out layer by layer before the next is drawn.
+  """
+  from fmjax import model as model_lib
+  table = tensor_table(m, model_lib.param_decls(m))
+  out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+  specs = [(name, out_dtype, hf_shape(t, shape[1:] if _stacked(t) else shape))
+           for t, shape in table for name in hf_names(t, m)]
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(to_hf_config(m, seq_len, dtype), f, indent=2)
+  writer = Writer(directory, specs, max_shard_bytes)
+  for t, shape in table:
+    name, x = next(arrays)
+    assert name == t.param and x.shape == shape, (name, t.param, x.shape, shape)
+    for hf_name, x_i in zip(hf_names(t, m), x if _stacked(t) else [x]):
+      writer.write(hf_name, to_hf(t, x_i, m).astype(out_dtype, copy=False))
+    del x  # before the next parameter is read
+  writer.close()
+
+
+def check(directory: str, m=None) -> tuple[dict, Reader, list]:
+  """Checks an HF directory against its own config (or `m`) without reading weights.
+
+  Returns (model fields, reader, tensor table). Raises FormatError naming the
+  first problem: unreadable files, a config fmjax cannot hold, a model other
+  than `m`, a missing tensor or one of another shape, a tensor no row reads.
+  """
+  from fmjax import model as model_lib
+  directory = os.path.expanduser(directory)
+  reader = Reader(directory)
+  _, fields = read_config(directory)
+  if m is not None:
+    _check_same_model(directory, fields, m)
+  else:
+    m = config_lib.base().model
+    m.update(fields)
+  table = tensor_table(m, model_lib.param_decls(m))
+  wanted = set()
+  for t, shape in table:
+    for name in hf_names(t, m):
+      wanted.add(name)
+      if name not in reader.entries:
+        raise FormatError(f"{directory} has no tensor {name} (for fmjax's {t.param})")
+      need = hf_shape(t, shape[1:] if _stacked(t) else shape)
+      code = reader.entries[name][1]
+      if code not in DTYPES:
+        raise FormatError(f"tensor {name} in {directory} has dtype {code}; fmjax reads "
+                          f"{', '.join(DTYPES)} (dequantize first)")
+      if reader.shape(name) != need:
+        raise FormatError(f"tensor {name} in {directory} has shape {list(reader.shape(name))} "
+                          f"but its config.json needs {list(need)}")
+  if m.tie_embeddings and "lm_head.weight" in reader.entries:
+    wanted.add("lm_head.weight")  # allowed if it equals the embedding (checked when read)
+  extra = sorted(n for n in reader.names() - wanted if not n.endswith(DERIVED))
+  if extra:
+    mtp = [n for n in extra if n.startswith(f"model.layers.{m.n_layers}.")]
+    what = (f"multi-token prediction (MTP) modules ({mtp[0]}, ...) are not supported"
+            if mtp else f"tensor {extra[0]}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}"
+            f" has no place in fmjax's {format_for(m).model_type} model")
+    raise FormatError(f"{directory}: {what}; nothing is dropped silently, so it was not "
+                      "converted")
+  return fields, reader, table
+
+
+def _check_same_model(directory, fields, m):
+  for name, value in _flat(fields):
+    have = m[name] if "." not in name else m.rope_scaling[name.split(".")[1]]
+    if have != value:
+      raise FormatError(f"model.{name}={have!r} but the checkpoint in {directory} has "
+                        f"{value!r}; set the model from fmjax.hf.read_config({directory!r})[1]")
+
+
+def _flat(fields):
+  for name, value in fields.items():
+    if name == "rope_scaling":
+      keys = {"none": ("kind",), "linear": ("kind", "factor")}.get(value["kind"], value.keys())
+      for k in keys:
+        yield f"rope_scaling.{k}", value[k]
+    elif name != "head_dim" or fields["attention"] == "gqa":
+      yield name, value
+
+
+def arrays(directory: str, m=None) -> Iterator[tuple[str, np.ndarray]]:
+  """(fmjax parameter name, float32 value) of an HF directory, one parameter at a time."""
+  fields, reader, table = check(directory, m)
+  if m is None:
+    m = config_lib.base().model
+    m.update(fields)
+  hf_cfg = read_json(os.path.join(os.path.expanduser(directory), "config.json"))
+  interleaved = hf_cfg.get("rope_interleave", True)
+  for t, shape in table:
+    x = np.empty(shape, np.float32)
+    one = shape[1:] if _stacked(t) else shape
+    for i, name in enumerate(hf_names(t, m)):
+      y = from_hf(t, reader.get(name), one, m, interleaved)
+      if not np.isfinite(y).all():
+        raise FormatError(f"tensor {name} in {directory} has NaN or Inf values")
+      if _stacked(t):
+        x[i] = y
+      else:
+        x[...] = y
+    if t.param == "embed" and m.tie_embeddings and "lm_head.weight" in reader.entries:
+      if not np.array_equal(reader.get("lm_head.weight").astype(np.float32), x):
+        raise FormatError(f"{directory}: lm_head.weight differs from the embedding but "
+                          "tie_word_embeddings is true; fmjax would drop it")
+    yield t.param, x
+
+
+def load_params(directory: str, m, abstract_params):
+  """The parameters of an HF directory, sharded like `abstract_params` (for init_from)."""
+  import jax
+  from fmjax.params import leaves_with_names
+  targets = dict(zip([n for n, _ in leaves_with_names(abstract_params)],
+                     jax.tree.leaves(abstract_params)))
+  values = {}
+  for name, x in arrays(directory, m):
+    target = targets[name]
+    values[name] = jax.make_array_from_callback(x.shape, target.sharding, lambda idx: x[idx])
+  flat, treedef = jax.tree.flatten(abstract_params)
+  return jax.tree.unflatten(treedef, [values[n] for n, _ in leaves_with_names(abstract_params)])
+
+
+def write_tokenizer(directory: str, model_file: str):
+  """The sentencepiece model beside the weights, as HF's Llama tokenizer reads it."""
+  import shutil
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=model_file)
+  shutil.copyfile(model_file, os.path.join(directory, "tokenizer.model"))
+  special = {k: sp.id_to_piece(i) for k, i in (("bos_token", sp.bos_id()),
+                                               ("eos_token", sp.eos_id()),
+                                               ("unk_token", sp.unk_id()),
+                                               ("pad_token", sp.pad_id())) if i >= 0}
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump(dict(special, tokenizer_class="LlamaTokenizer", add_bos_token=True,
+                   add_eos_token=False, legacy=False, add_prefix_space=False,
+                   model_max_length=1 << 30), f, indent=2)

@@ -1,0 +1,115 @@
+"""Time and peak memory of `fmjax.convert` on a model of an experiment file, with random weights.
+
+  python tools/bench_convert.py --config=experiments/bench_dense_1b.py --dir=/tmp/convert_1b
+
+Writes DIR/run (an fmjax workdir holding one checkpoint of random float32
+parameters, made one parameter at a time), then runs, each as its own
+process, `to-hf` (DIR/run -> DIR/hf), `from-hf` (DIR/hf -> DIR/back) and
+`to-hf` again (DIR/back -> DIR/hf2), and reports each one's wall time and peak
+resident memory (the process's ru_maxrss), the model's size, and whether
+DIR/hf2 is byte-identical to DIR/hf. Needs about 4x the model's float32
+size on disk. Figures: tools/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_workdir(config_file: str, workdir: str, seed: int = 0) -> int:
+  """A workdir with random parameters of the experiment's model; returns their number."""
+  import importlib.util
+
+  import jax
+  import numpy as np
+
+  from fmjax import checkpoint, config as config_lib, model, sizing
+  from fmjax.params import Param, ones
+
+  spec = importlib.util.spec_from_file_location("experiment", config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = sizing.resolve(module.get_config())
+  rng = np.random.default_rng(seed)
+
+  def draw(p: Param):
+    x = rng.standard_normal(p.shape, dtype=np.float32)
+    x *= 0.02
+    return jax.device_put(x + 1 if p.init is ones else x, jax.devices("cpu")[0])
+
+  params = jax.tree.map(draw, model.param_decls(cfg.model),
+                                      is_leaf=lambda x: isinstance(x, Param))
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config_lib.to_json(cfg))
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1,
+                               async_save=False,
+                               save_gb_in_flight=math.ceil(max(x.nbytes for x in
+                                                               jax.tree.leaves(params)) / 1e9)) as ckpt:
+    ckpt.save(0, {"params": params})
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def timed(args: list[str]) -> dict:
+  """Runs `python ARGS` from this small process; its wall time (s) and peak RSS (GiB).
+
+  The parent must stay small: a child's ru_maxrss counts the parent's memory it
+  was forked with.
+  """
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  start = time.perf_counter()
+  proc = subprocess.Popen([sys.executable, *args], env=env)
+  _, status, usage = os.wait4(proc.pid, 0)
+  wall = time.perf_counter() - start
+  if os.waitstatus_to_exitcode(status) != 0:
+    raise SystemExit(f"{' '.join(args)} failed")
+  return {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="experiments/bench_dense_1b.py")
+  parser.add_argument("--dir", required=True, help="a new directory for the checkpoints")
+  parser.add_argument("--max_shard_gb", default="2")
+  parser.add_argument("--make_only", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  d = os.path.abspath(args.dir)
+  if args.make_only:  # in a child process, so that the parent stays small
+    with open(os.path.join(d, "params.json"), "w") as f:
+      json.dump(make_workdir(args.config, os.path.join(d, "run")), f)
+    return
+  if os.path.exists(d):
+    raise SystemExit(f"--dir={d} exists; give a new directory")
+  os.makedirs(d)
+  convert = ["-m", "fmjax.convert"]
+  shard = f"--max_shard_gb={args.max_shard_gb}"
+  out = {"config": args.config,
+         "make_random_workdir": timed([__file__, f"--config={args.config}", f"--dir={d}",
+                                       "--make_only"])}
+  with open(os.path.join(d, "params.json")) as f:
+    n = json.load(f)
+  out.update(params=n, float32_gib=round(4 * n / 2**30, 2))
+  out["to_hf"] = timed(convert + ["to-hf", f"--workdir={d}/run", f"--out={d}/hf",
+                                  "--tokenizer=none", shard])
+  out["from_hf"] = timed(convert + ["from-hf", f"--hf={d}/hf", f"--out={d}/back"])
+  out["to_hf_again"] = timed(convert + ["to-hf", f"--workdir={d}/back", f"--out={d}/hf2",
+                                        "--tokenizer=none", shard])
+  names = sorted(os.listdir(f"{d}/hf"))
+  out["hf_files"] = names
+  out["round_trip_identical"] = (names == sorted(os.listdir(f"{d}/hf2")) and not any(
+      filecmp.cmpfiles(f"{d}/hf", f"{d}/hf2", names, shallow=False)[1:]))
+  out["load_average_1min_at_end"] = os.getloadavg()[0]
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  main()
