@@ -100,7 +100,11 @@ def block_size(rows: int, groups: int) -> int:
 
 def blocked_swiglu(x_RD, sizes_L, wg_LDF, wu_LDF, wd_LFD, block: int | None = None):
   """`ragged_swiglu` as blocks: each group padded to whole blocks of `block` rows,
-  each block multiplied by its group's weights (one batched matmul)."""
+  each block multiplied by its group's weights (one batched matmul).
+
+  Static shapes: every block is computed, so rows past the groups (worst-case
+  buffers) cost as much as rows in them.
+  """
   R, D = x_RD.shape
   G = sizes_L.shape[0]
   block = block or block_size(R, G)
@@ -116,8 +120,8 @@ def blocked_swiglu(x_RD, sizes_L, wg_LDF, wu_LDF, wd_LFD, block: int | None = No
                      n_blocks * block)
   source_S = _fill(n_blocks * block, dest_R, rows_R, R)
   x_BbD = _gather_rows(x_RD, source_S).reshape(n_blocks, block, D)
-  starts = jnp.arange(n_blocks, dtype=jnp.int32) * block
-  group_B = jnp.minimum(jnp.searchsorted(padded_ends_L, starts, side="right"), G - 1)
+  starts_B = jnp.arange(n_blocks, dtype=jnp.int32) * block
+  group_B = jnp.minimum(jnp.searchsorted(padded_ends_L, starts_B, side="right"), G - 1)
   y_BbD = swiglu_batched(x_BbD, wg_LDF[group_B], wu_LDF[group_B], wd_LFD[group_B])
   return _gather_rows(y_BbD.reshape(n_blocks * block, D), dest_R)
 
