@@ -219,6 +219,7 @@ def record(c: Compiled, times, peak) -> dict:
       "devices": n_devices,
       "mesh": {k: int(v) for k, v in s.mesh.shape.items()},
       "params": params_lib.count(s.decls),
+      "active_params": cost.param_counts(cfg.model)["active"],
       "dtype": cfg.model.dtype,
       "remat": cfg.model.remat,
       "ce_chunk": cfg.objective.ce_chunk,
@@ -275,7 +276,9 @@ def table(r: dict) -> str:
   xla = r["xla_flops_per_token"]
   rows = [
       ("device", f"{r['devices']} x {r['device_kind']} ({r['platform']}), mesh {mesh}"),
-      ("model", f"{r['params']:,} parameters, {r['dtype']}, remat {r['remat']}, "
+      ("model", f"{r['params']:,} parameters"
+                + (f" ({r['active_params']:,} active)" if r["active_params"] != r["params"] else "")
+                + f", {r['dtype']}, remat {r['remat']}, "
                 f"ce_chunk {r['ce_chunk']}"),
       ("batch", f"{r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step"),
       ("compile", f"{r['lower_s']:.2f} s lower + {r['compile_s']:.2f} s compile"),

@@ -21,6 +21,11 @@ DTYPES = ("float32", "bfloat16")
 OBJECTIVES = ("next_token",)
 ATTENTION = ("gqa", "mla")
 ROPE_SCALING = ("none", "linear", "ntk", "yarn")
+ROUTER_SCORES = ("softmax", "sigmoid")
+BALANCE = ("aux", "aux_free", "none")
+AUX_LOSS_SCOPES = ("batch", "sequence")
+DISPATCH = ("capacity", "dropless")
+GROUPED_MATMUL = ("auto", "ragged_dot", "blocked")
 BAD_UTF8 = ("error", "skip")
 NONFINITE = ("skip", "restore", "halt")
 
@@ -63,6 +68,33 @@ def base() -> ml_collections.ConfigDict:
       dtype="float32",  # compute dtype; parameters are always float32
       remat="none",  # none | full | dots
       scan_layers=True,
+      # Mixture of experts (fmjax/moe.py); n_routed_experts=0 keeps every MLP dense.
+      moe=dict(
+          n_routed_experts=0,
+          n_shared_experts=0,  # experts every token goes through
+          experts_per_token=2,  # top-k
+          moe_intermediate_size=256,  # width of one expert (and of one shared expert)
+          first_k_dense=0,  # the first k layers keep the dense MLP (model.d_ff)
+          moe_layer_freq=1,  # after those, layer i is MoE when i % moe_layer_freq == 0
+          score="softmax",  # router scores: softmax | sigmoid
+          n_group=1,  # group-limited routing: experts in n_group groups, tokens
+          topk_group=1,  # pick experts only from their topk_group best groups
+          norm_topk_prob=True,  # the top-k weights sum to 1
+          routed_scaling_factor=1.0,  # multiplies the routed experts' output
+          # aux: the f.P loss; aux_free: DeepSeek-V3's per-expert selection bias,
+          # moved by bias_update_rate after each step (plus the f.P loss if
+          # aux_loss_coef > 0, V3's complementary loss); none: neither.
+          balance="aux",
+          aux_loss_coef=0.01,
+          aux_loss_scope="batch",  # batch | sequence (f and P per sequence, averaged)
+          router_z_loss_coef=0.0,
+          bias_update_rate=1e-3,  # gamma
+          dispatch="capacity",  # capacity (drops over capacity) | dropless
+          capacity_factor=1.25,  # slots per expert = factor x assignments / experts
+          grouped_matmul="auto",  # dropless: ragged_dot | blocked; auto: blocked on CPU
+      ),
+      mtp_depth=0,  # DeepSeek-V3 multi-token prediction: extra tokens predicted (fmjax/mtp.py)
+      mtp_weight=0.3,  # lambda: the MTP loss weight
   )
   c.data = dict(
       # Sources and weights, e.g. "kjv:0.7, synthetic:0.3" (see fmjax/data/mixture.py).
@@ -111,11 +143,11 @@ def base() -> ml_collections.ConfigDict:
   c.sharding = dict(
       params=dict(
           vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor",
-          head_dim="", mlp="tensor", layers="", q_lora="", kv_lora=""),
+          head_dim="", mlp="tensor", layers="", q_lora="", kv_lora="", expert="expert"),
       activations=dict(
           batch="data,fsdp", seq="", embed="", heads="tensor",
           kv_heads="tensor", head_dim="", mlp="tensor", vocab="tensor",
-          q_lora="", kv_lora="", layers=""),
+          q_lora="", kv_lora="", layers="", expert="expert"),
   )
   c.train = dict(
       steps=1000,
@@ -267,6 +299,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   _choice("model.remat", m.remat, REMAT)
   _positive("model.rope_theta", m.rope_theta)
   _check_rope_scaling(m.rope_scaling)
+  _check_moe(m)
 
   from fmjax.data.tokenizer import MIN_VOCAB_SIZE  # the tokenizer is trained at model.vocab_size
   if m.vocab_size < MIN_VOCAB_SIZE:
@@ -326,6 +359,13 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
 
   shape = mesh_shape(cfg.mesh, n_devices)
   _check_rules(cfg.sharding, shape)
+  if m.moe.n_routed_experts:
+    batch_axes = parse_axes(cfg.sharding.activations.batch)
+    for a in parse_axes(cfg.sharding.params.expert):
+      if shape[a] > 1 and a not in batch_axes:
+        raise ConfigError(
+            f"sharding.activations.batch={cfg.sharding.activations.batch!r} must include "
+            f"{a!r}: experts are sharded over it, so tokens must be too (e.g. 'data,fsdp,{a}')")
   batch_shards = math.prod(shape[a] for a in parse_axes(cfg.sharding.activations.batch))
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.microbatches={t.microbatches} must divide "
@@ -363,6 +403,47 @@ def _check_mla(m):
   if m.qk_rope_head_dim % 2:
     raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for "
                       "rotary embeddings")
+
+
+def _check_moe(m):
+  e = m.moe
+  _positive("model.mtp_depth", m.mtp_depth, allow_zero=True)
+  _positive("model.mtp_weight", m.mtp_weight, allow_zero=True)
+  _positive("model.moe.n_routed_experts", e.n_routed_experts, allow_zero=True)
+  if not e.n_routed_experts:
+    return
+  E = e.n_routed_experts
+  if not 1 <= e.experts_per_token <= E:
+    raise ConfigError(f"model.moe.experts_per_token={e.experts_per_token} must be in "
+                      f"[1, n_routed_experts={E}]")
+  _positive("model.moe.n_shared_experts", e.n_shared_experts, allow_zero=True)
+  _positive("model.moe.moe_intermediate_size", e.moe_intermediate_size)
+  _positive("model.moe.moe_layer_freq", e.moe_layer_freq)
+  if not 0 <= e.first_k_dense < m.n_layers:
+    raise ConfigError(f"model.moe.first_k_dense={e.first_k_dense} must be in [0, "
+                      f"n_layers={m.n_layers}): at least one layer must be MoE")
+  _choice("model.moe.score", e.score, ROUTER_SCORES)
+  _positive("model.moe.n_group", e.n_group)
+  if E % e.n_group:
+    raise ConfigError(f"model.moe.n_group={e.n_group} must divide n_routed_experts={E}")
+  if not 1 <= e.topk_group <= e.n_group:
+    raise ConfigError(f"model.moe.topk_group={e.topk_group} must be in [1, n_group={e.n_group}]")
+  if e.experts_per_token > e.topk_group * (E // e.n_group):
+    raise ConfigError(f"model.moe.experts_per_token={e.experts_per_token} exceeds the "
+                      f"{e.topk_group * (E // e.n_group)} experts of topk_group groups; "
+                      "raise model.moe.topk_group")
+  _positive("model.moe.routed_scaling_factor", e.routed_scaling_factor)
+  _choice("model.moe.balance", e.balance, BALANCE)
+  _positive("model.moe.aux_loss_coef", e.aux_loss_coef, allow_zero=True)
+  if e.balance == "aux" and not e.aux_loss_coef:
+    raise ConfigError("model.moe.aux_loss_coef=0 with balance='aux': set a coefficient "
+                      "(e.g. 0.01) or balance='none'")
+  _choice("model.moe.aux_loss_scope", e.aux_loss_scope, AUX_LOSS_SCOPES)
+  _positive("model.moe.router_z_loss_coef", e.router_z_loss_coef, allow_zero=True)
+  _positive("model.moe.bias_update_rate", e.bias_update_rate, allow_zero=e.balance != "aux_free")
+  _choice("model.moe.dispatch", e.dispatch, DISPATCH)
+  _positive("model.moe.capacity_factor", e.capacity_factor)
+  _choice("model.moe.grouped_matmul", e.grouped_matmul, GROUPED_MATMUL)
 
 
 def _check_rope_scaling(r):

@@ -31,14 +31,46 @@ def _attention_sizes(m) -> tuple[int, int, int]:
   return D * N * H + 2 * D * K * H + N * H * D, 0, 2 * N * H
 
 
-def param_counts(m) -> dict[str, int]:
-  """total and non_embedding parameter counts of model config `m`."""
-  D, V, L, F = m.d_model, m.vocab_size, m.n_layers, m.d_ff
+def _feed_forward_sizes(m, kind: str) -> tuple[int, int, int]:
+  """(parameters, parameters a token uses, multiply-adds per token) of one layer's
+  feed-forward block: the dense MLP, or the MoE block (router, its bias, routed
+  and shared experts; a token uses K routed experts)."""
+  D = m.d_model
+  if kind == "dense":
+    return 3 * D * m.d_ff, 3 * D * m.d_ff, 3 * D * m.d_ff
+  e = m.moe
+  E, K, S, F = e.n_routed_experts, e.experts_per_token, e.n_shared_experts, e.moe_intermediate_size
+  expert = 3 * D * F
+  router = D * E
+  return router + E + (E + S) * expert, router + E + (K + S) * expert, router + (K + S) * expert
+
+
+def _layer_sizes(m, kind: str) -> tuple[int, int, int]:
+  """(parameters, active parameters, matmul multiply-adds per token excluding
+  attention over keys) of one Transformer layer."""
   attention, norms, _ = _attention_sizes(m)
-  per_layer = 2 * D + norms + attention + 3 * D * F
+  total, active, macs = _feed_forward_sizes(m, kind)
+  fixed = 2 * m.d_model + norms + attention
+  return fixed + total, fixed + active, attention + macs
+
+
+def param_counts(m) -> dict[str, int]:
+  """total, non_embedding and active parameter counts of model config `m`.
+
+  active: the parameters one token uses (all of a dense model; an MoE layer's
+  K routed experts of E). Multi-token prediction modules count in all three.
+  """
+  from fmjax import model  # the layer layout
+
+  D, V = m.d_model, m.vocab_size
   embedding = V * D * (1 if m.tie_embeddings else 2)
-  total = embedding + D + L * per_layer
-  return {"total": total, "non_embedding": total - embedding}
+  total = active = embedding + D
+  for kind in model.layer_kinds(m):
+    layer_total, layer_active, _ = _layer_sizes(m, kind)
+    total, active = total + layer_total, active + layer_active
+  mtp = m.mtp_depth * (3 * D + 2 * D * D + _layer_sizes(m, "dense")[0])
+  total, active = total + mtp, active + mtp
+  return {"total": total, "non_embedding": total - embedding, "active": active}
 
 
 def flops_per_token(m, seq_len: int, training: bool = True) -> float:
@@ -46,11 +78,19 @@ def flops_per_token(m, seq_len: int, training: bool = True) -> float:
 
   Attention scores and values are counted over the full T x T square, as the
   compiled dot products compute them (the causal half is masked, not skipped).
-  MLA is counted in its expanded form, as training runs it.
+  MLA is counted in its expanded form, as training runs it. An MoE layer
+  counts its router and the K routed experts a token uses (plus shared ones),
+  not all E. Each multi-token prediction depth adds its projection, one dense
+  layer and the unembedding.
   """
-  D, V, L, F = m.d_model, m.vocab_size, m.n_layers, m.d_ff
-  attention, _, per_key = _attention_sizes(m)
-  forward = 2 * (L * (attention + 3 * D * F + seq_len * per_key) + D * V)
+  from fmjax import model
+
+  D, V = m.d_model, m.vocab_size
+  _, _, per_key = _attention_sizes(m)
+  layer_macs = lambda kind: _layer_sizes(m, kind)[2] + seq_len * per_key
+  macs = sum(layer_macs(kind) for kind in model.layer_kinds(m)) + D * V
+  macs += m.mtp_depth * (2 * D * D + layer_macs("dense") + D * V)
+  forward = 2 * macs
   return 3 * forward if training else forward
 
 

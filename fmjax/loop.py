@@ -276,6 +276,9 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, sto
           f"{tokens_per_s:,.0f} tokens/s, MFU {summary['mfu']:.1%} of {peak / 1e9:.0f} "
           f"GFLOP/s ({peak_source})")
     print(f"loss curve: {os.path.join(workdir, 'loss_curve.png')}")
+    if metrics_lib.plot_expert_load(metrics_lib.read(records_path),
+                                    os.path.join(workdir, "expert_load.png")):
+      print(f"expert load: {os.path.join(workdir, 'expert_load.png')}")
   if t.sample_tokens:
     params = _host_copy(state["params"])  # a collective: every process takes part
     if is_main:

@@ -78,3 +78,38 @@ def plot_loss_curve(records: list[dict], path: str, title: str = "") -> None:
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+
+
+def plot_expert_load(records: list[dict], path: str, title: str = "") -> bool:
+  """Each expert's share of assignments against step (mean over MoE layers), and the
+  busiest expert's load over the mean per layer; False (nothing written) without MoE records."""
+  rows = [(r["step"], np.asarray(r["moe_load"])) for r in records if "moe_load" in r]
+  if not rows:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  steps = [s for s, _ in rows]
+  load_SLE = np.stack([load for _, load in rows])  # (steps, MoE layers, experts)
+  n_experts = load_SLE.shape[-1]
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), dpi=120, sharex=True)
+  for e, series in enumerate(load_SLE.mean(axis=1).T):
+    top.plot(steps, series, lw=1, label=f"expert {e}" if n_experts <= 16 else None)
+  top.axhline(1 / n_experts, color="k", ls="--", lw=1, label="balanced")
+  top.set_ylabel("share of assignments (mean over layers)")
+  top.set_title(title)
+  if n_experts <= 16:
+    top.legend(fontsize=7, ncol=4)
+  for layer, series in enumerate(load_SLE.max(axis=2).T * n_experts):
+    bottom.plot(steps, series, lw=1, label=f"MoE layer {layer}")
+  bottom.axhline(1, color="k", ls="--", lw=1)
+  bottom.set_ylabel("busiest expert / mean")
+  bottom.set_xlabel("step")
+  bottom.legend(fontsize=7)
+  for ax in (top, bottom):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True

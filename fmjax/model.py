@@ -1,10 +1,14 @@
 """The decoder: parameter declarations and the forward pass.
 
-Pre-norm Transformer blocks (RMSNorm, then attention; RMSNorm, then MLP),
-stacked along a leading 'layers' axis and run with `jax.lax.scan`. The
-attention kind is `model.attention`: grouped-query (fmjax/gqa.py) or
-multi-head latent attention (fmjax/mla.py); the MLP is fmjax/mlp.py. Each of
-those modules declares its own parameters and applies them.
+Pre-norm Transformer layers (fmjax/block.py: RMSNorm, then attention; RMSNorm,
+then the feed-forward block), stacked along a leading 'layers' axis and run
+with `jax.lax.scan`. The attention kind is `model.attention`: grouped-query
+(fmjax/gqa.py) or multi-head latent attention (fmjax/mla.py). The
+feed-forward block is the dense MLP (fmjax/mlp.py) or, with
+`model.moe.n_routed_experts > 0`, a mixture of experts (fmjax/moe.py) in the
+layers `layer_kinds` says: those stack under params['moe_layers'], the dense
+ones under params['layers'] (a dense model's tree is only that), and
+consecutive layers of one kind run as one scan over a slice of their stack.
 
 `cfg` is the experiment config: the model reads `cfg.model` and pins its
 activations with the rules in `cfg.sharding.activations`.
@@ -15,11 +19,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmjax import gqa, layers, mla, mlp, rope
+from fmjax import block as block_lib
+from fmjax import layers, moe, mtp
 from fmjax.params import Param, normal, ones
 from fmjax.sharding import constrain
 
-ATTENTION = {"gqa": gqa, "mla": mla}
+ATTENTION = block_lib.ATTENTION
+STACKS = {"dense": "layers", "moe": "moe_layers"}  # parameter subtree of each layer kind
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block
@@ -27,58 +33,83 @@ REMAT_POLICIES = {
 }
 
 
+def layer_kinds(m) -> list[str]:
+  """'dense' or 'moe' for each layer, as DeepSeek-V3 places them."""
+  e = m.moe
+  return ["moe" if e.n_routed_experts and i >= e.first_k_dense and i % e.moe_layer_freq == 0
+          else "dense" for i in range(m.n_layers)]
+
+
+def stack_sizes(m) -> dict[str, int]:
+  """Layers of each kind present, dense first."""
+  kinds = layer_kinds(m)
+  return {k: kinds.count(k) for k in STACKS if k in kinds}
+
+
+def runs(m) -> list[tuple[str, int, int]]:
+  """(kind, first index in its stack, count) of each run of consecutive layers of one kind."""
+  out, seen = [], dict.fromkeys(STACKS, 0)
+  for kind in layer_kinds(m):
+    if out and out[-1][0] == kind:
+      out[-1][2] += 1
+    else:
+      out.append([kind, seen[kind], 1])
+    seen[kind] += 1
+  return [tuple(r) for r in out]
+
+
 def param_decls(m) -> dict:
   """Declarations of every parameter of the model config `m`."""
-  D, V, L = m.d_model, m.vocab_size, m.n_layers
-  decls = {
-      "embed": Param((V, D), ("vocab", "embed"), normal(m.init_std)),
-      "layers": {
-          "attn_norm": Param((L, D), ("layers", "embed"), ones),
-          **ATTENTION[m.attention].decls(m),
-          "mlp_norm": Param((L, D), ("layers", "embed"), ones),
-          **mlp.decls(m),
-      },
-      "final_norm": Param((D,), ("embed",), ones),
-  }
+  D, V = m.d_model, m.vocab_size
+  decls = {"embed": Param((V, D), ("vocab", "embed"), normal(m.init_std))}
+  for kind, n in stack_sizes(m).items():
+    decls[STACKS[kind]] = block_lib.decls(m, kind, n)
+  decls["final_norm"] = Param((D,), ("embed",), ones)
   if not m.tie_embeddings:
     decls["unembed"] = Param((D, V), ("embed", "vocab"), normal(m.init_std))
+  if m.mtp_depth:
+    decls["mtp"] = mtp.decls(m)
   return decls
 
 
 def cache_decls(m, batch: int, length: int) -> dict:
-  """The decoding cache of `length` slots for `batch` rows, declared like parameters."""
-  return ATTENTION[m.attention].cache_decls(m, batch, length)
+  """The decoding cache of `length` slots for `batch` rows, declared like parameters.
 
-
-def _block(x_BTD, p, cos, sin, mask_B1TS, cfg, cache=None, start_B=None, absorbed=False):
-  """One Transformer layer; `p` (and `cache`) hold this layer's slice of the stack."""
-  m, rules = cfg.model, cfg.sharding.activations
-  with jax.named_scope("attention"):
-    h_BTD = layers.rms_norm(x_BTD, p["attn_norm"], m.norm_eps)
-    a_BTD, cache = ATTENTION[m.attention].apply(p, h_BTD, cos, sin, mask_B1TS, cfg, cache,
-                                                start_B, absorbed)
-    x_BTD = constrain(x_BTD + a_BTD, ("batch", "seq", "embed"), rules)
-  with jax.named_scope("mlp"):
-    h_BTD = layers.rms_norm(x_BTD, p["mlp_norm"], m.norm_eps)
-    x_BTD = constrain(x_BTD + mlp.apply(p, h_BTD, cfg), ("batch", "seq", "embed"), rules)
-  return x_BTD, cache
-
-
-def _rope(positions_BT, m):
-  dim = ATTENTION[m.attention].rope_dim(m)
-  return rope.angles(positions_BT, rope.inv_frequencies(dim, m.rope_theta, m.rope_scaling))
+  A dense model's is one stack over its layers; with MoE layers, one per stack.
+  """
+  cache = ATTENTION[m.attention].cache_decls(m, batch, length)
+  sizes = stack_sizes(m)
+  if list(sizes) == ["dense"]:
+    return cache
+  return {STACKS[k]: block_lib.restack(cache, n) for k, n in sizes.items()}
 
 
 def _run_layers(block, x_BTD, xs, m):
-  """Folds `block(x, layer slices) -> (x, y)` over the layers; ys come back stacked."""
+  """Folds `block(x, layer slices) -> (x, y)` over a stack; ys come back stacked."""
   with jax.named_scope("layers"):
     if m.scan_layers:
       return jax.lax.scan(block, x_BTD, xs)
     ys = []
-    for i in range(m.n_layers):
+    for i in range(jax.tree.leaves(xs)[0].shape[0]):
       x_BTD, y = block(x_BTD, jax.tree.map(lambda a: a[i], xs))
       ys.append(y)
     return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _run_stacks(make_block, x_BTD, stacks, m):
+  """Runs every layer in order, `make_block(kind)` folding over slices of `stacks[kind]`.
+
+  Returns x and, per kind, the blocks' ys concatenated in stack order.
+  """
+  ys = {}
+  for kind, start, count in runs(m):
+    xs = stacks[kind]
+    if count != jax.tree.leaves(xs)[0].shape[0]:
+      xs = jax.tree.map(lambda a: a[start:start + count], xs)
+    x_BTD, y = _run_layers(make_block(kind), x_BTD, xs, m)
+    ys.setdefault(kind, []).append(y)
+  return x_BTD, {k: y[0] if len(y) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *y)
+                 for k, y in ys.items()}
 
 
 def embed(params, tokens_BT, cfg) -> jax.Array:
@@ -91,19 +122,34 @@ def embed(params, tokens_BT, cfg) -> jax.Array:
     return constrain(x_BTD, ("batch", "seq", "embed"), rules)
 
 
-def decode(params, x_BTD, segment_ids_BT, positions_BT, cfg) -> jax.Array:
-  """Runs the layers and the final norm over embeddings: hidden states (B, T, D)."""
+def trunk(params, x_BTD, segment_ids_BT, positions_BT, cfg):
+  """Runs the layers over embeddings: hidden states (B, T, D) before the final norm,
+  and the MoE layers' statistics (fmjax.moe.STATS, stacked over MoE layers; {} if none)."""
   m = cfg.model
-  cos, sin = _rope(positions_BT, m)
+  cos, sin = block_lib.rope_angles(positions_BT, m)
   mask_B1TT = layers.attention_mask(segment_ids_BT)
 
-  def block(x_BTD, p):
-    return _block(x_BTD, p, cos, sin, mask_B1TT, cfg)[0], None
+  def make_block(kind):
+    def block(x_BTD, p):
+      x_BTD, _, stats = block_lib.apply(x_BTD, p, cos, sin, mask_B1TT, cfg, kind)
+      return x_BTD, stats
 
-  if m.remat != "none":
-    block = jax.checkpoint(block, policy=REMAT_POLICIES[m.remat], prevent_cse=not m.scan_layers)
-  x_BTD, _ = _run_layers(block, x_BTD, params["layers"], m)
-  return layers.rms_norm(x_BTD, params["final_norm"], m.norm_eps)
+    if m.remat != "none":
+      block = jax.checkpoint(block, policy=REMAT_POLICIES[m.remat], prevent_cse=not m.scan_layers)
+    return block
+
+  stacks = {kind: params[STACKS[kind]] for kind in stack_sizes(m)}
+  x_BTD, ys = _run_stacks(make_block, x_BTD, stacks, m)
+  return x_BTD, ys.get("moe", {})
+
+
+def final_norm(params, x_BTD, cfg):
+  return layers.rms_norm(x_BTD, params["final_norm"], cfg.model.norm_eps)
+
+
+def decode(params, x_BTD, segment_ids_BT, positions_BT, cfg) -> jax.Array:
+  """Runs the layers and the final norm over embeddings: hidden states (B, T, D)."""
+  return final_norm(params, trunk(params, x_BTD, segment_ids_BT, positions_BT, cfg)[0], cfg)
 
 
 def decode_cached(params, x_BTD, start_B, cache, cfg, absorbed=False):
@@ -116,16 +162,24 @@ def decode_cached(params, x_BTD, start_B, cache, cfg, absorbed=False):
   """
   m = cfg.model
   positions_BT = start_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=start_B.dtype)
-  cos, sin = _rope(positions_BT, m)
+  cos, sin = block_lib.rope_angles(positions_BT, m)
   num_slots = jax.tree.leaves(cache)[0].shape[2]
   mask_B1TS = layers.causal_mask(positions_BT, num_slots)
 
-  def block(x_BTD, layer):
-    p, c = layer
-    return _block(x_BTD, p, cos, sin, mask_B1TS, cfg, c, start_B, absorbed)
+  def make_block(kind):
+    def block(x_BTD, layer):
+      p, c = layer
+      x_BTD, c, _ = block_lib.apply(x_BTD, p, cos, sin, mask_B1TS, cfg, kind, c, start_B,
+                                    absorbed)
+      return x_BTD, c
+    return block
 
-  x_BTD, cache = _run_layers(block, x_BTD, (params["layers"], cache), m)
-  return layers.rms_norm(x_BTD, params["final_norm"], m.norm_eps), cache
+  kinds = stack_sizes(m)
+  caches = {"dense": cache} if list(kinds) == ["dense"] else {k: cache[STACKS[k]] for k in kinds}
+  stacks = {k: (params[STACKS[k]], caches[k]) for k in kinds}
+  x_BTD, caches = _run_stacks(make_block, x_BTD, stacks, m)
+  cache = caches["dense"] if list(kinds) == ["dense"] else {STACKS[k]: c for k, c in caches.items()}
+  return final_norm(params, x_BTD, cfg), cache
 
 
 def unembed(params, h_BTD, cfg) -> jax.Array:
@@ -142,3 +196,21 @@ def forward(params, tokens_BT, segment_ids_BT, positions_BT, cfg) -> jax.Array:
   """Next-token logits (B, T, V) in float32."""
   x_BTD = embed(params, tokens_BT, cfg)
   return unembed(params, decode(params, x_BTD, segment_ids_BT, positions_BT, cfg), cfg)
+
+
+def update_without_gradient(params, new_params, stats, ok, cfg):
+  """Moves the parameters no gradient reaches, from a train step's statistics.
+
+  That is the MoE router bias under aux-loss-free balancing (fmjax.moe), kept
+  as it was where `ok` is False (a skipped step). Returns the new parameters
+  and metrics of them (the bias range) for the step's record.
+  """
+  if "moe_layers" not in params:
+    return new_params, {}
+  e = cfg.model.moe
+  bias_LE = params["moe_layers"]["router_bias"]
+  if e.balance == "aux_free":
+    moved_LE = moe.update_bias(bias_LE, stats["moe_load"], e.bias_update_rate)
+    bias_LE = jnp.where(ok, moved_LE, bias_LE)
+  new_params = dict(new_params, moe_layers=dict(new_params["moe_layers"], router_bias=bias_LE))
+  return new_params, {"moe_bias_min": jnp.min(bias_LE), "moe_bias_max": jnp.max(bias_LE)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmjax import model
+from fmjax import model, moe, mtp
 
 
 def next_token_targets(batch):
@@ -73,17 +73,28 @@ def chunked_cross_entropy_sums(unembed, h_BTD, targets_BT, weights_BT, z_loss: f
 
 
 def next_token(params, batch, cfg):
-  """Next-token prediction, for pretraining and continued pretraining."""
+  """Next-token prediction, for pretraining and continued pretraining.
+
+  MoE models add their balancing losses (fmjax.moe), and models with
+  multi-token prediction its loss (fmjax.mtp).
+  """
   targets_BT, weights_BT = next_token_targets(batch)
   chunk = cfg.objective.ce_chunk
+  x0_BTD = model.embed(params, batch["tokens"], cfg)
+  x_BTD, moe_stats = model.trunk(params, x0_BTD, batch["segment_ids"], batch["positions"], cfg)
+  h_BTD = model.final_norm(params, x_BTD, cfg)
   if not chunk or chunk >= targets_BT.shape[1]:
-    logits_BTV = model.forward(
-        params, batch["tokens"], batch["segment_ids"], batch["positions"], cfg)
-    return cross_entropy_sums(logits_BTV, targets_BT, weights_BT, cfg.objective.z_loss)
-  h_BTD = model.decode(params, model.embed(params, batch["tokens"], cfg),
-                       batch["segment_ids"], batch["positions"], cfg)
-  return chunked_cross_entropy_sums(lambda h: model.unembed(params, h, cfg), h_BTD,
-                                    targets_BT, weights_BT, cfg.objective.z_loss, chunk)
+    loss, stats = cross_entropy_sums(model.unembed(params, h_BTD, cfg), targets_BT, weights_BT,
+                                     cfg.objective.z_loss)
+  else:
+    loss, stats = chunked_cross_entropy_sums(lambda h: model.unembed(params, h, cfg), h_BTD,
+                                             targets_BT, weights_BT, cfg.objective.z_loss, chunk)
+  if moe_stats:
+    loss, stats = moe.add_losses(loss, stats, moe_stats, cfg)
+  if cfg.model.mtp_depth:
+    loss, stats = mtp.add_loss(loss, stats, params, x_BTD, x0_BTD, batch, weights_BT, cfg,
+                               lambda h: model.unembed(params, h, cfg), cross_entropy_sums)
+  return loss, stats
 
 
 def summarize(stats) -> dict:

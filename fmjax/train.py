@@ -19,7 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import config as config_lib
-from fmjax import cost, model, objectives, optim
+from fmjax import cost, model, moe, objectives, optim
 from fmjax import params as params_lib
 from fmjax import sharding as sharding_lib
 
@@ -118,9 +118,12 @@ def make_train_step(s: Setup):
     finite_loss = jnp.isfinite(stats["nll"] + stats["z_loss"])
     grads = jax.tree.map(lambda g: jnp.where(finite_loss, g / denom, jnp.nan), grads)
     updates, opt_state = s.optimizer.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
-    metrics = dict(stats, grad_norm=optax.tree.norm(grads), lr=s.lr_schedule(state["step"]),
+    # Parameters no gradient reaches (the MoE router bias) move by the step's statistics.
+    new_params, param_metrics = model.update_without_gradient(
+        params, optax.apply_updates(params, updates), stats, opt_state.notfinite_count == 0, cfg)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    metrics = dict(stats, **param_metrics, grad_norm=optax.tree.norm(grads),
+                   lr=s.lr_schedule(state["step"]),
                    nonfinite_consecutive=opt_state.notfinite_count,
                    nonfinite_total=opt_state.total_notfinite)
     return new_state, metrics
@@ -164,6 +167,7 @@ def step_record(stats, step_time: float, tokens_per_step: int, flops_per_token: 
                 mfu=tokens_per_s * flops_per_token / peak,
                 nonfinite_consecutive=int(stats["nonfinite_consecutive"]),
                 nonfinite_total=int(stats["nonfinite_total"]))
+  record.update(moe.summarize(stats))
   return record
 
 
@@ -171,6 +175,7 @@ def run_summary(cfg, s: Setup, **extra) -> dict:
   counts = cost.param_counts(cfg.model)
   assert counts["total"] == params_lib.count(s.decls)
   return {"params": counts["total"], "non_embedding_params": counts["non_embedding"],
+          "active_params": counts["active"],
           "flops_per_token": cost.flops_per_token(cfg.model, cfg.data.seq_len),
           "mesh": dict(s.mesh.shape), **extra}
 

@@ -1,0 +1,239 @@
+"""Sending tokens to their experts and back: capacity or dropless, with expert parallelism.
+
+The router has picked, for each of N tokens, K experts and a gate weight for
+each. Those N x K assignments are taken in k-major order (every token's first
+choice, then every token's second, ...), so first choices win when capacity
+is short. Two dispatches:
+
+- capacity: each expert has C = ceil(capacity_factor x N K / E) slots per
+  device's tokens; an assignment past its expert's C-th is dropped (its gate
+  contributes nothing) and counted. Experts then run as one batched matmul
+  over (E, C) slots.
+- dropless: assignments are sorted by expert and run as a grouped matmul over
+  the groups, none dropped. `jax.lax.ragged_dot` is the grouped matmul on
+  GPUs and TPUs; XLA:CPU lowers it to a dense matmul per group (E times the
+  work), so on CPUs `blocked_swiglu` pads each group to whole blocks and
+  multiplies each block by its expert's weights instead.
+
+Expert parallelism: the experts' leading axis is sharded over the mesh axes
+of the parameter rule `expert`, and so are the tokens (validated: they are in
+the activations' `batch` rule). Inside `jax.shard_map`, each device builds a
+fixed-size buffer per destination device and one `all_to_all` delivers them;
+the experts run on what arrived, and a second `all_to_all` brings the results
+home. XLA:CPU has no ragged all-to-all, so dropless buffers are sized for the
+worst case (every assignment to one device). Expert weights keep their `mlp`
+axis sharded (tensor parallelism: partial sums, one psum); any other sharding
+of them (FSDP over `embed`) is gathered on entry, as for every other weight.
+
+Suffixes: N tokens, K experts per token, A = N K assignments, E experts
+(L local ones), D model width, F expert width, R rows, S slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from fmjax import config as config_lib
+
+
+def capacity(n_assignments: int, n_experts: int, factor: float) -> int:
+  return max(1, math.ceil(factor * n_assignments / n_experts))
+
+
+def assignments(idx_NK, w_NK):
+  """Expert, token and gate of each assignment, in k-major order: (A,) each."""
+  N, K = idx_NK.shape
+  return (idx_NK.T.reshape(-1), jnp.tile(jnp.arange(N, dtype=jnp.int32), K),
+          w_NK.T.reshape(-1))
+
+
+def capacity_slots(e_A, n_experts: int, cap: int):
+  """Slot e*cap + (rank among e's assignments) of each assignment, n_experts*cap if dropped."""
+  onehot_AE = jax.nn.one_hot(e_A, n_experts, dtype=jnp.int32)
+  rank_A = jnp.take_along_axis(jnp.cumsum(onehot_AE, axis=0), e_A[:, None], axis=1)[:, 0] - 1
+  kept_A = rank_A < cap
+  return jnp.where(kept_A, e_A * cap + rank_A, n_experts * cap), kept_A
+
+
+def _gather_rows(x_ND, row_S):
+  """x_ND[row_S], where row N (and past) reads zeros."""
+  x_pad = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
+  return x_pad[jnp.minimum(row_S, x_ND.shape[0])]
+
+
+def _fill(size: int, index_A, value_A, empty: int):
+  """An int array of `size` holding value_A[a] at index_A[a] (indices >= size are discarded)."""
+  out = jnp.full((size + 1,), empty, jnp.int32)
+  return out.at[jnp.minimum(index_A, size)].set(value_A.astype(jnp.int32))[:size]
+
+
+def _inverse(perm):
+  return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def swiglu_batched(x_LRD, wg_LDF, wu_LDF, wd_LFD):
+  h_LRF = jax.nn.silu(jnp.einsum("lrd,ldf->lrf", x_LRD, wg_LDF)) * jnp.einsum(
+      "lrd,ldf->lrf", x_LRD, wu_LDF)
+  return jnp.einsum("lrf,lfd->lrd", h_LRF, wd_LFD)
+
+
+def ragged_swiglu(x_RD, sizes_L, wg_LDF, wu_LDF, wd_LFD):
+  """SwiGLU of rows grouped by expert (group l: the next sizes_L[l] rows); later rows give 0."""
+  sizes_L = sizes_L.astype(jnp.int32)
+  h_RF = jax.nn.silu(jax.lax.ragged_dot(x_RD, wg_LDF, sizes_L)) * jax.lax.ragged_dot(
+      x_RD, wu_LDF, sizes_L)
+  return jax.lax.ragged_dot(h_RF, wd_LFD, sizes_L)
+
+
+def block_size(rows: int, groups: int) -> int:
+  """A power of two near rows / (2 groups): padding to whole blocks then adds about
+  a quarter of the rows, and there are about 3x groups blocks."""
+  b = 8
+  while b * 2 <= min(512, rows / (2 * groups)):
+    b *= 2
+  return b
+
+
+def blocked_swiglu(x_RD, sizes_L, wg_LDF, wu_LDF, wd_LFD, block: int | None = None):
+  """`ragged_swiglu` as blocks: each group padded to whole blocks of `block` rows,
+  each block multiplied by its group's weights (one batched matmul).
+
+  Static shapes: every block is computed, so rows past the groups (worst-case
+  buffers) cost as much as rows in them.
+  """
+  R, D = x_RD.shape
+  G = sizes_L.shape[0]
+  block = block or block_size(R, G)
+  n_blocks = -(-R // block) + G
+  sizes_L = sizes_L.astype(jnp.int32)
+  ends_L = jnp.cumsum(sizes_L)
+  padded_L = -(-sizes_L // block) * block
+  padded_ends_L = jnp.cumsum(padded_L)
+  rows_R = jnp.arange(R, dtype=jnp.int32)
+  group_R = jnp.searchsorted(ends_L, rows_R, side="right")  # G: past the last group
+  g = jnp.minimum(group_R, G - 1)
+  dest_R = jnp.where(group_R < G, padded_ends_L[g] - padded_L[g] + rows_R - (ends_L[g] - sizes_L[g]),
+                     n_blocks * block)
+  source_S = _fill(n_blocks * block, dest_R, rows_R, R)
+  x_BbD = _gather_rows(x_RD, source_S).reshape(n_blocks, block, D)
+  starts_B = jnp.arange(n_blocks, dtype=jnp.int32) * block
+  group_B = jnp.minimum(jnp.searchsorted(padded_ends_L, starts_B, side="right"), G - 1)
+  y_BbD = swiglu_batched(x_BbD, wg_LDF[group_B], wu_LDF[group_B], wd_LFD[group_B])
+  return _gather_rows(y_BbD.reshape(n_blocks * block, D), dest_R)
+
+
+def grouped_swiglu(x_RD, sizes_L, wg, wu, wd, how: str):
+  if how == "auto":
+    how = "blocked" if jax.devices()[0].platform == "cpu" else "ragged_dot"
+  fn = blocked_swiglu if how == "blocked" else ragged_swiglu
+  return fn(x_RD, sizes_L, wg, wu, wd)
+
+
+def _all_to_all(x, axes):
+  return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
+
+
+def _capacity_local(x_ND, e_A, tok_A, weights, e_cfg, ep: int, ep_axes):
+  """Capacity dispatch of this device's assignments; returns (y per assignment, dropped)."""
+  wg, wu, wd = weights
+  N, D = x_ND.shape
+  L = wg.shape[0]
+  E = L * ep
+  cap = capacity(e_A.shape[0], E, e_cfg.capacity_factor)
+  slot_A, kept_A = capacity_slots(e_A, E, cap)
+  send_SD = _gather_rows(x_ND, _fill(E * cap, slot_A, tok_A, N))
+  recv_SD = _all_to_all(send_SD, ep_axes)  # (source device, local expert, slot)
+  x_LRD = recv_SD.reshape(ep, L, cap, D).swapaxes(0, 1).reshape(L, ep * cap, D)
+  y_LRD = swiglu_batched(x_LRD, wg, wu, wd)
+  y_SD = y_LRD.reshape(L, ep, cap, D).swapaxes(0, 1).reshape(E * cap, D)
+  back_SD = _all_to_all(y_SD, ep_axes)
+  return _gather_rows(back_SD, slot_A), jnp.sum(~kept_A)
+
+
+def _dropless_local(x_ND, e_A, tok_A, weights, e_cfg, ep: int, ep_axes):
+  """Dropless dispatch: sorted by expert, worst-case buffers per destination device."""
+  wg = weights[0]
+  N, D = x_ND.shape
+  A, L = e_A.shape[0], wg.shape[0]
+  E = L * ep
+  order_A = jnp.argsort(e_A, stable=True)
+  counts_E = jnp.bincount(e_A, length=E).astype(jnp.int32)
+  if ep == 1:
+    y_AD = grouped_swiglu(_gather_rows(x_ND, tok_A[order_A]), counts_E, *weights,
+                          e_cfg.grouped_matmul)
+    return y_AD[_inverse(order_A)], jnp.zeros((), jnp.int32)
+  # Rows for device d go to block d of an (ep, A) buffer, in expert order.
+  dev_sorted = e_A[order_A] // L
+  dev_counts = counts_E.reshape(ep, L).sum(axis=1)
+  dev_starts = jnp.cumsum(dev_counts) - dev_counts
+  slot_sorted = dev_sorted * A + jnp.arange(A, dtype=jnp.int32) - dev_starts[dev_sorted]
+  send_RD = _gather_rows(x_ND, _fill(ep * A, slot_sorted, tok_A[order_A], N))
+  recv_RD = _all_to_all(send_RD, ep_axes)
+  recv_counts_PL = _all_to_all(counts_E, ep_axes).reshape(ep, L)  # P: source device
+  # Local expert of each received row (L for padding), then group rows by it.
+  ends_PL = jnp.cumsum(recv_counts_PL, axis=1)
+  row_A = jnp.arange(A, dtype=jnp.int32)
+  expert_PA = jnp.sum(row_A[None, :, None] >= ends_PL[:, None, :], axis=-1)
+  order_R = jnp.argsort(expert_PA.reshape(-1), stable=True)
+  y_RD = grouped_swiglu(recv_RD[order_R], recv_counts_PL.sum(axis=0), *weights,
+                        e_cfg.grouped_matmul)
+  back_RD = _all_to_all(y_RD[_inverse(order_R)], ep_axes)
+  y_sorted_AD = back_RD[slot_sorted]
+  return y_sorted_AD[_inverse(order_A)], jnp.zeros((), jnp.int32)
+
+
+def _experts_local(x_ND, idx_NK, w_NK, weights, e_cfg, dropless, ep, ep_axes, mlp_axes,
+                   batch_axes):
+  N, K = idx_NK.shape
+  e_A, tok_A, w_A = assignments(idx_NK, w_NK)
+  run = _dropless_local if dropless else _capacity_local
+  y_AD, dropped = run(x_ND, e_A, tok_A, weights, e_cfg, ep, ep_axes)
+  y_ND = (y_AD * w_A[:, None].astype(y_AD.dtype)).reshape(K, N, -1).sum(axis=0)
+  if mlp_axes:
+    y_ND = jax.lax.psum(y_ND, mlp_axes)
+  if batch_axes:
+    dropped = jax.lax.psum(dropped, batch_axes)
+  return y_ND, dropped
+
+
+def routed_experts(x_BTD, idx_BTK, w_BTK, weights, cfg, dropless: bool | None = None):
+  """Output (B, T, D) of the routed experts, and the number of dropped assignments.
+
+  `weights` = (w_gate (E, D, F), w_up (E, D, F), w_down (E, F, D)). Under a
+  mesh this runs in `jax.shard_map` with expert parallelism; without one, on
+  the local arrays.
+  """
+  e_cfg = cfg.model.moe
+  dropless = e_cfg.dispatch == "dropless" if dropless is None else dropless
+  B, T, D = x_BTD.shape
+  K = idx_BTK.shape[-1]
+  weights = tuple(w.astype(x_BTD.dtype) for w in weights)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    y_ND, dropped = _experts_local(x_BTD.reshape(B * T, D), idx_BTK.reshape(B * T, K),
+                                   w_BTK.reshape(B * T, K), weights, e_cfg, dropless, 1, (),
+                                   (), ())
+    return y_ND.reshape(B, T, -1), dropped
+
+  act, par = cfg.sharding.activations, cfg.sharding.params
+  sized = lambda rule: tuple(a for a in config_lib.parse_axes(rule) if mesh.shape[a] > 1)
+  batch_axes, seq_axes = sized(act.batch), sized(act.seq)
+  ep_axes, mlp_axes = sized(par.expert), sized(par.mlp)
+  ep = math.prod(mesh.shape[a] for a in ep_axes)
+  token_spec = P(batch_axes or None, seq_axes or None, None)
+  e_spec, f_spec = ep_axes or None, mlp_axes or None
+  weight_specs = (P(e_spec, None, f_spec), P(e_spec, None, f_spec), P(e_spec, f_spec, None))
+
+  def local(x_BTD, idx_BTK, w_BTK, *weights):
+    b, t = x_BTD.shape[:2]
+    y_ND, dropped = _experts_local(
+        x_BTD.reshape(b * t, D), idx_BTK.reshape(b * t, K), w_BTK.reshape(b * t, K), weights,
+        e_cfg, dropless, ep, ep_axes, mlp_axes, batch_axes + seq_axes)
+    return y_ND.reshape(b, t, -1), dropped
+
+  return jax.shard_map(local, in_specs=(token_spec, token_spec, token_spec, *weight_specs),
+                       out_specs=(token_spec, P()))(x_BTD, idx_BTK, w_BTK, *weights)
