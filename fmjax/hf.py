@@ -3,10 +3,16 @@
 A format is two tables: model config fields (fmjax name -> HF config key) and
 tensors (`Tensor`: an fmjax parameter -> an HF tensor name, with how the
 layout changes). Grouped-query models are `LlamaForCausalLM`; MLA models are
-`DeepseekV3ForCausalLM` with every layer dense (`first_k_dense_replace` =
-`num_hidden_layers`). A mixture of experts is one more tensor table when
-fmjax has one (routed and shared experts, the router and its bias, the
-first-k dense layers).
+`DeepseekV3ForCausalLM`: all dense (`first_k_dense_replace` =
+`num_hidden_layers`) or a mixture of experts after the first
+`model.moe.first_k_dense` layers. fmjax's dense and MoE layer stacks
+(params['layers'], params['moe_layers']) map to HF's layer numbers; the
+router is `mlp.gate.weight`, its bias `mlp.gate.e_score_correction_bias`,
+routed expert e `mlp.experts.{e}.*`, and the shared experts (one SwiGLU of
+n_shared_experts x moe_intermediate_size in both) `mlp.shared_experts.*`.
+HF DeepSeek-V3 routes with sigmoid scores, the bias in the selection only,
+groups scored by their two best experts and every layer after the first k an
+MoE layer: fmjax's score='sigmoid', balance='aux_free', moe_layer_freq=1.
 
 Layout changes, all exact (no arithmetic on values):
   - HF linear weights are (out, in); fmjax's are (in..., out...): a reshape and
@@ -16,9 +22,10 @@ Layout changes, all exact (no arithmetic on values):
     shared rotary key interleaved (pairs 2i, 2i+1), fmjax in rotate-half
     order (i, i + R/2): `Tensor.rope` permutes those columns.
 
-Nothing is silently dropped. A config that one side cannot express (an MoE
-or MTP checkpoint, a rope scaling the other side does not have, biases, a
-tensor no table row reads) stops with a one-line `FormatError` naming it.
+Nothing is silently dropped. A config that one side cannot express (MTP
+modules, softmax router scores, moe_layer_freq > 1, an MoE without shared
+experts, a rope scaling the other side does not have, biases, a tensor no
+table row reads) stops with a one-line `FormatError` naming it.
 
 Files are read and written one tensor at a time (fmjax/safetensors_files.py).
 """
@@ -264,6 +271,7 @@ def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
   first_dense = hf_cfg.get("first_k_dense_replace") or 0
   moe = (fmt is DEEPSEEK_V3 and bool(hf_cfg.get("n_routed_experts"))
          and first_dense < hf_cfg.get("num_hidden_layers", 0))
+  moe_fields = _moe_fields(hf_cfg, where) if moe else None  # its refusals name the feature
   for key, want in fmt.fixed.items():
     have = hf_cfg.get(key, want)
     if have != want:
@@ -285,7 +293,7 @@ def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
   else:
     out["q_lora_rank"] = hf_cfg.get("q_lora_rank") or 0
   if moe:
-    out["moe"] = _moe_fields(hf_cfg, where)
+    out["moe"] = moe_fields
   out["norm_eps"] = float(out["norm_eps"])
   out["rope_theta"], out["rope_scaling"] = _rope_from_hf(hf_cfg, fmt, where)
   return out
