@@ -3,10 +3,16 @@
 A format is two tables: model config fields (fmjax name -> HF config key) and
 tensors (`Tensor`: an fmjax parameter -> an HF tensor name, with how the
 layout changes). Grouped-query models are `LlamaForCausalLM`; MLA models are
-`DeepseekV3ForCausalLM` with every layer dense (`first_k_dense_replace` =
-`num_hidden_layers`). A mixture of experts is one more tensor table when
-fmjax has one (routed and shared experts, the router and its bias, the
-first-k dense layers).
+`DeepseekV3ForCausalLM`: all dense (`first_k_dense_replace` =
+`num_hidden_layers`) or a mixture of experts after the first
+`model.moe.first_k_dense` layers. fmjax's dense and MoE layer stacks
+(params['layers'], params['moe_layers']) map to HF's layer numbers; the
+router is `mlp.gate.weight`, its bias `mlp.gate.e_score_correction_bias`,
+routed expert e `mlp.experts.{e}.*`, and the shared experts (one SwiGLU of
+n_shared_experts x moe_intermediate_size in both) `mlp.shared_experts.*`.
+HF DeepSeek-V3 routes with sigmoid scores, the bias in the selection only,
+groups scored by their two best experts and every layer after the first k an
+MoE layer: fmjax's score='sigmoid', balance='aux_free', moe_layer_freq=1.
 
 Layout changes, all exact (no arithmetic on values):
   - HF linear weights are (out, in); fmjax's are (in..., out...): a reshape and
@@ -16,9 +22,10 @@ Layout changes, all exact (no arithmetic on values):
     shared rotary key interleaved (pairs 2i, 2i+1), fmjax in rotate-half
     order (i, i + R/2): `Tensor.rope` permutes those columns.
 
-Nothing is silently dropped. A config that one side cannot express (an MoE
-or MTP checkpoint, a rope scaling the other side does not have, biases, a
-tensor no table row reads) stops with a one-line `FormatError` naming it.
+Nothing is silently dropped. A config that one side cannot express (MTP
+modules, softmax router scores, moe_layer_freq > 1, an MoE without shared
+experts, a rope scaling the other side does not have, biases, a tensor no
+table row reads) stops with a one-line `FormatError` naming it.
 
 Files are read and written one tensor at a time (fmjax/safetensors_files.py).
 """
@@ -50,44 +57,63 @@ class Tensor:
   rope: bool = False  # the last qk_rope_head_dim dims of the last axis are rotary
 
 
-def _common_tensors(m) -> list[Tensor]:
-  layer = "model.layers.{i}."
-  out = [
-      Tensor("embed", "model.embed_tokens.weight"),
-      Tensor("layers.attn_norm", layer + "input_layernorm.weight"),
-      Tensor("layers.mlp_norm", layer + "post_attention_layernorm.weight"),
-      Tensor("layers.w_gate", layer + "mlp.gate_proj.weight", n_in=1),
-      Tensor("layers.w_up", layer + "mlp.up_proj.weight", n_in=1),
-      Tensor("layers.w_down", layer + "mlp.down_proj.weight", n_in=1),
-      Tensor("final_norm", "model.norm.weight"),
-  ]
-  if not m.tie_embeddings:
-    out.append(Tensor("unembed", "lm_head.weight", n_in=1))
+def _layer_tensors(stack: str, kind: str, m) -> list[Tensor]:
+  """The norms and feed-forward block of the layers of one stack ('layers' or 'moe_layers')."""
+  layer, s = "model.layers.{i}.", stack + "."
+  out = [Tensor(s + "attn_norm", layer + "input_layernorm.weight"),
+         Tensor(s + "mlp_norm", layer + "post_attention_layernorm.weight")]
+  if kind == "dense":
+    return out + [Tensor(s + "w_gate", layer + "mlp.gate_proj.weight", n_in=1),
+                  Tensor(s + "w_up", layer + "mlp.up_proj.weight", n_in=1),
+                  Tensor(s + "w_down", layer + "mlp.down_proj.weight", n_in=1)]
+  mlp = layer + "mlp."  # "{e}" is the routed expert
+  out += [Tensor(s + "router", mlp + "gate.weight", n_in=1),
+          Tensor(s + "router_bias", mlp + "gate.e_score_correction_bias"),
+          Tensor(s + "w_gate", mlp + "experts.{e}.gate_proj.weight", n_in=1),
+          Tensor(s + "w_up", mlp + "experts.{e}.up_proj.weight", n_in=1),
+          Tensor(s + "w_down", mlp + "experts.{e}.down_proj.weight", n_in=1)]
+  if m.moe.n_shared_experts:  # n_shared experts of width F: one SwiGLU of width n_shared * F
+    out += [Tensor(s + "shared_gate", mlp + "shared_experts.gate_proj.weight", n_in=1),
+            Tensor(s + "shared_up", mlp + "shared_experts.up_proj.weight", n_in=1),
+            Tensor(s + "shared_down", mlp + "shared_experts.down_proj.weight", n_in=1)]
   return out
+
+
+def _ends(m) -> tuple[list[Tensor], list[Tensor]]:
+  last = [Tensor("final_norm", "model.norm.weight")]
+  if not m.tie_embeddings:
+    last.append(Tensor("unembed", "lm_head.weight", n_in=1))
+  return [Tensor("embed", "model.embed_tokens.weight")], last
 
 
 def _llama_tensors(m) -> list[Tensor]:
   a = "model.layers.{i}.self_attn."
-  return [Tensor("layers.wq", a + "q_proj.weight", n_in=1),
-          Tensor("layers.wk", a + "k_proj.weight", n_in=1),
-          Tensor("layers.wv", a + "v_proj.weight", n_in=1),
-          Tensor("layers.wo", a + "o_proj.weight", n_in=2)] + _common_tensors(m)
+  first, last = _ends(m)
+  return first + [Tensor("layers.wq", a + "q_proj.weight", n_in=1),
+                  Tensor("layers.wk", a + "k_proj.weight", n_in=1),
+                  Tensor("layers.wv", a + "v_proj.weight", n_in=1),
+                  Tensor("layers.wo", a + "o_proj.weight", n_in=2)
+                  ] + _layer_tensors("layers", "dense", m) + last
 
 
 def _deepseek_tensors(m) -> list[Tensor]:
+  from fmjax import model as model_lib
   a = "model.layers.{i}.self_attn."
-  if m.q_lora_rank:
-    query = [Tensor("layers.wq_a", a + "q_a_proj.weight", n_in=1),
-             Tensor("layers.q_norm", a + "q_a_layernorm.weight"),
-             Tensor("layers.wq_b", a + "q_b_proj.weight", n_in=1, rope=True)]
-  else:
-    query = [Tensor("layers.wq", a + "q_proj.weight", n_in=1, rope=True)]
-  return query + [
-      Tensor("layers.wkv_a", a + "kv_a_proj_with_mqa.weight", n_in=1, rope=True),
-      Tensor("layers.kv_norm", a + "kv_a_layernorm.weight"),
-      Tensor("layers.wkv_b", a + "kv_b_proj.weight", n_in=1),
-      Tensor("layers.wo", a + "o_proj.weight", n_in=2),
-  ] + _common_tensors(m)
+  first, last = _ends(m)
+  out = first
+  for kind in model_lib.stack_sizes(m):  # dense layers first, then the MoE layers
+    s = model_lib.STACKS[kind] + "."
+    if m.q_lora_rank:
+      out += [Tensor(s + "wq_a", a + "q_a_proj.weight", n_in=1),
+              Tensor(s + "q_norm", a + "q_a_layernorm.weight"),
+              Tensor(s + "wq_b", a + "q_b_proj.weight", n_in=1, rope=True)]
+    else:
+      out += [Tensor(s + "wq", a + "q_proj.weight", n_in=1, rope=True)]
+    out += [Tensor(s + "wkv_a", a + "kv_a_proj_with_mqa.weight", n_in=1, rope=True),
+            Tensor(s + "kv_norm", a + "kv_a_layernorm.weight"),
+            Tensor(s + "wkv_b", a + "kv_b_proj.weight", n_in=1),
+            Tensor(s + "wo", a + "o_proj.weight", n_in=2)] + _layer_tensors(s[:-1], kind, m)
+  return out + last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +151,31 @@ DEEPSEEK_V3 = Format(
 FORMATS = {f.model_type: f for f in (LLAMA, DEEPSEEK_V3)}
 BY_ATTENTION = {f.attention: f for f in FORMATS.values()}
 
+# The mixture of experts (model.moe field -> HF key), in DeepSeek-V3 only. HF
+# DeepSeek-V3 routes as fmjax does with score='sigmoid', moe_layer_freq=1 and
+# the router bias in the selection (balance='aux_free', HF's "noaux_tc"); it
+# scores a group of experts by its two best, as fmjax does for sigmoid scores.
+MOE_FIELDS = {"n_routed_experts": "n_routed_experts", "n_shared_experts": "n_shared_experts",
+              "experts_per_token": "num_experts_per_tok",
+              "moe_intermediate_size": "moe_intermediate_size",
+              "first_k_dense": "first_k_dense_replace", "n_group": "n_group",
+              "topk_group": "topk_group", "norm_topk_prob": "norm_topk_prob",
+              "routed_scaling_factor": "routed_scaling_factor"}
+# HF config values of an MoE model (written; required when present on reading).
+MOE_FIXED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+# model.moe fields fmjax must have for that routing; balance is set on import, and
+# on export a bias that fmjax's selection does not use (balance != 'aux_free') is
+# written as zeros.
+MOE_ROUTING = {"score": "sigmoid", "moe_layer_freq": 1}
+# model.moe fields of training and execution only (dispatch: HF DeepSeek-V3 drops
+# no tokens, so its logits are those of fmjax's dropless dispatch).
+MOE_NOT_STORED = ("balance", "aux_loss_coef", "aux_loss_scope", "router_z_loss_coef",
+                  "bias_update_rate", "dispatch", "capacity_factor", "grouped_matmul")
+
 # Model fields that are not part of the function a checkpoint holds.
 NOT_STORED = ("depth", "aspect_ratio", "attention", "init_std", "dtype", "remat",
-              "scan_layers", "rope_theta", "rope_scaling")  # rope: converted on their own
+              "scan_layers", "rope_theta", "rope_scaling",  # rope: converted on their own
+              "moe", "mtp_depth", "mtp_weight")  # checked on their own
 # HF tensors that are derived, not learned: read by nobody, dropped by nobody.
 DERIVED = ("rotary_emb.inv_freq",)
 
@@ -144,10 +192,15 @@ def check_model(m) -> Format:
   fmt = format_for(m)
   default = config_lib.base().model
   known = set(fmt.fields) | set(fmt.unused) | set(NOT_STORED)
-  for name in m.keys():  # fields added later (MoE, MTP, ...) convert once a table row holds them
+  for name in m.keys():  # fields added later convert once a table row holds them
     if name not in known and m[name] != default.get(name):
       raise FormatError(f"model.{name}={m[name]!r} has no place in the {fmt.model_type} "
                         f"format ({fmt.architecture}); fmjax cannot convert this model yet")
+  if m.mtp_depth:
+    raise FormatError(f"model.mtp_depth={m.mtp_depth}: multi-token prediction (MTP) modules "
+                      "are not converted; export a model without them")
+  if m.moe.n_routed_experts:
+    _check_moe(m, fmt)
   for field, key in fmt.fields.items():
     if key in fmt.fixed and m[field] != fmt.fixed[key]:
       raise FormatError(f"model.{field}={m[field]!r}: the {fmt.model_type} format holds only "
@@ -155,6 +208,32 @@ def check_model(m) -> Format:
                         "says); set it to that")
   _rope_to_hf(m, fmt)  # raises on a kind the format does not have
   return fmt
+
+
+def _check_moe(m, fmt: Format):
+  e = m.moe
+  if fmt is not DEEPSEEK_V3:
+    raise FormatError(f"model.moe.n_routed_experts={e.n_routed_experts}: the {fmt.model_type} "
+                      f"format has no mixture of experts; MoE models convert to deepseek_v3, "
+                      "which needs model.attention='mla'")
+  default = config_lib.base().model.moe
+  for name in e.keys():  # a field added later converts once a table holds it
+    if name not in MOE_FIELDS and name not in MOE_ROUTING and name not in MOE_NOT_STORED \
+        and e[name] != default.get(name):
+      raise FormatError(f"model.moe.{name}={e[name]!r} has no place in the deepseek_v3 format")
+  for name, want in MOE_ROUTING.items():
+    if e[name] != want:
+      what = {"score": "routes with sigmoid scores only",
+              "moe_layer_freq": "makes every layer after the first_k_dense MoE"}[name]
+      raise FormatError(f"model.moe.{name}={e[name]!r}: HF DeepSeek-V3 {what}; set "
+                        f"model.moe.{name}={want!r} to convert")
+  if not e.n_shared_experts:
+    raise FormatError("model.moe.n_shared_experts=0: HF DeepSeek-V3 MoE layers always have "
+                      "shared experts; fmjax converts MoE models with at least one")
+  if e.n_routed_experts // e.n_group < 2:
+    raise FormatError(f"model.moe.n_group={e.n_group} with {e.n_routed_experts} experts: HF "
+                      "DeepSeek-V3 scores a group by its two best experts, so a group needs "
+                      "at least 2")
 
 
 def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
@@ -168,10 +247,12 @@ def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
   else:
     c.update(q_lora_rank=m.q_lora_rank or None, num_key_value_heads=m.n_heads,
              qk_head_dim=m.qk_nope_head_dim + m.qk_rope_head_dim, head_dim=m.qk_rope_head_dim,
-             rope_interleave=True, num_nextn_predict_layers=0,
-             # every layer dense: no experts (n_routed_experts only has to be valid)
-             first_k_dense_replace=m.n_layers, n_routed_experts=1, n_shared_experts=0,
-             num_experts_per_tok=1, n_group=1, topk_group=1, moe_intermediate_size=m.d_ff)
+             rope_interleave=True, num_nextn_predict_layers=0)
+    if m.moe.n_routed_experts:
+      c.update({key: m.moe[field] for field, key in MOE_FIELDS.items()}, **MOE_FIXED)
+    else:  # every layer dense: no experts (n_routed_experts only has to be valid)
+      c.update(first_k_dense_replace=m.n_layers, n_routed_experts=1, n_shared_experts=0,
+               num_experts_per_tok=1, n_group=1, topk_group=1, moe_intermediate_size=m.d_ff)
   c.update(fmt.fixed)
   rope_theta, scaling = _rope_to_hf(m, fmt)
   c.update(rope_theta=rope_theta, rope_scaling=scaling,
@@ -188,11 +269,9 @@ def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
   """The fmjax model fields of an HF config dict; FormatError for what fmjax cannot hold."""
   fmt = _format_of(hf_cfg, where)
   first_dense = hf_cfg.get("first_k_dense_replace") or 0
-  if hf_cfg.get("n_routed_experts") and first_dense < hf_cfg.get("num_hidden_layers", 0):
-    raise FormatError(
-        f"{where}: mixture-of-experts layers (n_routed_experts={hf_cfg['n_routed_experts']}, "
-        f"first_k_dense_replace={first_dense} < num_hidden_layers="
-        f"{hf_cfg['num_hidden_layers']}) are not supported yet; fmjax converts dense models")
+  moe = (fmt is DEEPSEEK_V3 and bool(hf_cfg.get("n_routed_experts"))
+         and first_dense < hf_cfg.get("num_hidden_layers", 0))
+  moe_fields = _moe_fields(hf_cfg, where) if moe else None  # its refusals name the feature
   for key, want in fmt.fixed.items():
     have = hf_cfg.get(key, want)
     if have != want:
@@ -213,8 +292,31 @@ def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
     out["n_kv_heads"] = hf_cfg.get("num_key_value_heads") or hf_cfg["num_attention_heads"]
   else:
     out["q_lora_rank"] = hf_cfg.get("q_lora_rank") or 0
+  if moe:
+    out["moe"] = moe_fields
   out["norm_eps"] = float(out["norm_eps"])
   out["rope_theta"], out["rope_scaling"] = _rope_from_hf(hf_cfg, fmt, where)
+  return out
+
+
+def _moe_fields(hf_cfg: dict, where: str) -> dict:
+  """The model.moe fields of an HF DeepSeek-V3 MoE config."""
+  for key, want in MOE_FIXED.items():
+    have = hf_cfg.get(key, want)
+    if have != want:
+      raise FormatError(f"{where}: {key}={have!r} is not supported; fmjax converts DeepSeek-V3 "
+                        f"mixtures of experts with {key}={want!r} (as transformers runs them)")
+  for key in MOE_FIELDS.values():
+    if hf_cfg.get(key) is None:
+      raise FormatError(f"{where}: {key} is missing (needed for the mixture of experts)")
+  if not hf_cfg["n_shared_experts"]:
+    raise FormatError(f"{where}: n_shared_experts=0 is not supported; fmjax converts "
+                      "mixtures of experts with at least one shared expert")
+  out = dict(config_lib.base().model.moe)
+  out.update({field: hf_cfg[key] for field, key in MOE_FIELDS.items()}, **MOE_ROUTING)
+  out.update(balance="aux_free",  # the router bias takes part in the selection
+             norm_topk_prob=bool(out["norm_topk_prob"]),
+             routed_scaling_factor=float(out["routed_scaling_factor"]))
   return out
 
 
@@ -355,12 +457,26 @@ def tensor_table(m, decls) -> list[tuple[Tensor, tuple]]:
 
 
 def hf_names(t: Tensor, m) -> list[str]:
-  """The HF tensor names of a row: one per layer of a stacked parameter."""
-  return [t.hf.format(i=i) for i in range(m.n_layers)] if "{i}" in t.hf else [t.hf]
+  """The HF tensor names of a row, in the order of `np.ndindex(shape[:_lead(t)])`: one per
+  layer of a stacked parameter (its stack's layers), and per expert within it."""
+  if "{i}" not in t.hf:
+    return [t.hf]
+  from fmjax import model as model_lib
+  stack = t.param.split(".")[0]
+  layers = [i for i, kind in enumerate(model_lib.layer_kinds(m))
+            if model_lib.STACKS[kind] == stack]
+  experts = range(m.moe.n_routed_experts) if "{e}" in t.hf else [None]
+  return [t.hf.format(i=i, e=e) for i in layers for e in experts]
 
 
-def _stacked(t: Tensor) -> bool:
-  return "{i}" in t.hf
+def _lead(t: Tensor) -> int:
+  """Leading axes of the fmjax parameter that HF spreads over names: layer, then expert."""
+  return ("{i}" in t.hf) + ("{e}" in t.hf)
+
+
+def _slices(t: Tensor, shape: tuple, m):
+  """(HF name, index into the fmjax parameter) of each HF tensor of a row."""
+  return zip(hf_names(t, m), np.ndindex(*shape[:_lead(t)]))
 
 
 # -- whole directories -----------------------------------------------------------------
@@ -394,7 +510,7 @@ def save(directory: str, m, seq_len: int, arrays: Iterator[tuple[str, np.ndarray
   from fmjax import model as model_lib
   table = tensor_table(m, model_lib.param_decls(m))
   out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
-  specs = [(name, out_dtype, hf_shape(t, shape[1:] if _stacked(t) else shape))
+  specs = [(name, out_dtype, hf_shape(t, shape[_lead(t):]))
            for t, shape in table for name in hf_names(t, m)]
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(to_hf_config(m, seq_len, dtype), f, indent=2)
@@ -402,8 +518,10 @@ def save(directory: str, m, seq_len: int, arrays: Iterator[tuple[str, np.ndarray
   for t, shape in table:
     name, x = next(arrays)
     assert name == t.param and x.shape == shape, (name, t.param, x.shape, shape)
-    for hf_name, x_i in zip(hf_names(t, m), x if _stacked(t) else [x]):
-      writer.write(hf_name, to_hf(t, x_i, m).astype(out_dtype, copy=False))
+    if name.endswith(".router_bias") and m.moe.balance != "aux_free":
+      x = np.zeros_like(x)  # fmjax's selection does not use it; HF's always does
+    for hf_name, idx in _slices(t, shape, m):
+      writer.write(hf_name, to_hf(t, x[idx], m).astype(out_dtype, copy=False))
     del x  # before the next parameter is read
   writer.close()
 
@@ -431,7 +549,7 @@ def check(directory: str, m=None) -> tuple[dict, Reader, list]:
       wanted.add(name)
       if name not in reader.entries:
         raise FormatError(f"{directory} has no tensor {name} (for fmjax's {t.param})")
-      need = hf_shape(t, shape[1:] if _stacked(t) else shape)
+      need = hf_shape(t, shape[_lead(t):])
       code = reader.entries[name][1]
       if code not in DTYPES:
         raise FormatError(f"tensor {name} in {directory} has dtype {code}; fmjax reads "
@@ -454,7 +572,7 @@ def check(directory: str, m=None) -> tuple[dict, Reader, list]:
 
 def _check_same_model(directory, fields, m):
   for name, value in _flat(fields):
-    have = m[name] if "." not in name else m.rope_scaling[name.split(".")[1]]
+    have = m[name] if "." not in name else m[name.split(".")[0]][name.split(".")[1]]
     if have != value:
       raise FormatError(f"model.{name}={have!r} but the checkpoint in {directory} has "
                         f"{value!r}; set the model from fmjax.hf.read_config({directory!r})[1]")
@@ -466,6 +584,9 @@ def _flat(fields):
       keys = {"none": ("kind",), "linear": ("kind", "factor")}.get(value["kind"], value.keys())
       for k in keys:
         yield f"rope_scaling.{k}", value[k]
+    elif name == "moe":  # what the checkpoint's function depends on
+      for k in (*MOE_FIELDS, *MOE_ROUTING, "balance"):
+        yield f"moe.{k}", value[k]
     elif name != "head_dim" or fields["attention"] == "gqa":
       yield name, value
 
@@ -480,15 +601,12 @@ def arrays(directory: str, m=None) -> Iterator[tuple[str, np.ndarray]]:
   interleaved = hf_cfg.get("rope_interleave", True)
   for t, shape in table:
     x = np.empty(shape, np.float32)
-    one = shape[1:] if _stacked(t) else shape
-    for i, name in enumerate(hf_names(t, m)):
+    one = shape[_lead(t):]
+    for name, idx in _slices(t, shape, m):
       y = from_hf(t, reader.get(name), one, m, interleaved)
       if not np.isfinite(y).all():
         raise FormatError(f"tensor {name} in {directory} has NaN or Inf values")
-      if _stacked(t):
-        x[i] = y
-      else:
-        x[...] = y
+      x[idx] = y
     if t.param == "embed" and m.tie_embeddings and "lm_head.weight" in reader.entries:
       if not np.array_equal(reader.get("lm_head.weight").astype(np.float32), x):
         raise FormatError(f"{directory}: lm_head.weight differs from the embedding but "

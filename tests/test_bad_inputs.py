@@ -322,9 +322,10 @@ HF_CASES = {
     "rope_llama3": (_edit_config(rope_scaling=dict(rope_type="llama3", factor=8.0)),
                     "rope scaling type 'llama3' is not supported; fmjax has linear and yarn"),
     "biases": (_edit_config(attention_bias=True), "attention_bias=True is not supported"),
-    "moe": (_edit_config(model_type="deepseek_v3", n_routed_experts=8, first_k_dense_replace=1),
-            "mixture-of-experts layers (n_routed_experts=8, first_k_dense_replace=1 < "
-            "num_hidden_layers=2) are not supported yet"),
+    "moe_softmax": (_edit_config(model_type="deepseek_v3", n_routed_experts=8,
+                                 first_k_dense_replace=1, scoring_func="softmax"),
+                    "scoring_func='softmax' is not supported; fmjax converts DeepSeek-V3 "
+                    "mixtures of experts with scoring_func='sigmoid'"),
     "quantized": (_edit_config(quantization_config={"quant_method": "fp8"}),
                   "quantized checkpoints (quantization_config) are not supported"),
     "another_model": (_edit_config(num_hidden_layers=3), "model.n_layers=2 but the checkpoint in"),

@@ -10,6 +10,7 @@ the tests that need them are skipped without it.
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLA = dict(attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=16, norm_eps=1e-6)
 YARN = dict(kind="yarn", factor=4.0, original_seq_len=8, beta_fast=32.0, beta_slow=1.0)
+# DeepSeek-V3's routing: sigmoid scores, the router bias in the selection, group-limited
+MOE = dict(n_routed_experts=4, n_shared_experts=1, experts_per_token=2, moe_intermediate_size=24,
+           first_k_dense=1, score="sigmoid", n_group=2, topk_group=1, norm_topk_prob=True,
+           routed_scaling_factor=2.5, balance="aux_free")
 
 EXPORT_CASES = {
     "llama": dict(),
@@ -33,6 +38,8 @@ EXPORT_CASES = {
     "deepseek_qlora_yarn": dict(MLA, rope_scaling=dict(YARN, mscale=1.0)),
     "deepseek_tied_linear": dict(MLA, q_lora_rank=0, tie_embeddings=True,
                                  rope_scaling=dict(kind="linear", factor=2.0)),
+    # 3 layers: dense, then 2 MoE (4 routed experts top-2 in 2 groups, 1 shared)
+    "deepseek_moe": dict(MLA, n_layers=3, moe=MOE),
 }
 
 
@@ -59,6 +66,8 @@ def tokens(vocab, seed=1, shape=(2, 16)):
 
 
 def fmjax_logits(params, cfg, toks):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.model.moe.dispatch = "dropless"  # as HF DeepSeek-V3, which drops no tokens
   positions = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
   forward = jax.jit(lambda p, t: model.forward(p, t, np.ones_like(toks), positions, cfg))
   return np.asarray(forward(params, toks))
@@ -131,10 +140,16 @@ def random_hf_model(kind, tmp_path, dtype="float32"):
                              original_max_position_embeddings=8), max_position_embeddings=16)
     m = transformers.LlamaForCausalLM(config)
   else:
+    experts = dict(first_k_dense_replace=2, n_routed_experts=1, n_group=1, topk_group=1,
+                   num_experts_per_tok=1)
+    if kind == "deepseek_moe":  # layer 0 dense, 1 and 2 MoE
+      common.update(num_hidden_layers=3)
+      experts = dict(first_k_dense_replace=1, n_routed_experts=6, n_shared_experts=2,
+                     moe_intermediate_size=16, num_experts_per_tok=2, n_group=3, topk_group=2,
+                     norm_topk_prob=False, routed_scaling_factor=1.5)
     config = transformers.DeepseekV3Config(
         **common, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, first_k_dense_replace=2, n_routed_experts=1, n_group=1,
-        topk_group=1, num_experts_per_tok=1, num_nextn_predict_layers=0,
+        v_head_dim=16, **experts, num_nextn_predict_layers=0,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
                              mscale_all_dim=1.0, original_max_position_embeddings=8),
         max_position_embeddings=32)
@@ -142,6 +157,9 @@ def random_hf_model(kind, tmp_path, dtype="float32"):
   with torch.no_grad():
     for p in m.parameters():
       p.add_(0.1 * torch.randn_like(p))
+    for name, b in m.named_buffers():  # the router bias (a buffer in transformers)
+      if name.endswith("e_score_correction_bias"):
+        b.copy_(0.1 * torch.randn_like(b))
   m = m.to(getattr(torch, dtype)).float().eval()  # the values the file will hold
   out = str(tmp_path / f"{kind}_hf")
   m.to(getattr(torch, dtype)).save_pretrained(out, max_shard_size="100KB")
@@ -151,7 +169,8 @@ def random_hf_model(kind, tmp_path, dtype="float32"):
   return out, toks, logits
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("deepseek", "bfloat16")])
+@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("deepseek", "bfloat16"),
+                                        ("deepseek_moe", "float32")])
 def test_import_matches_transformers(kind, dtype, tmp_path):
   pytest.importorskip("transformers")
   directory, toks, want = random_hf_model(kind, tmp_path, dtype)
@@ -211,12 +230,25 @@ def test_init_from_an_hf_directory(tmp_path, data_dir):
      "model.rope_scaling.kind='ntk' has no equivalent in the llama format"),
     (dict(MLA, norm_eps=1e-5), "model.norm_eps=1e-05: the deepseek_v3 format holds only 1e-06"),
     (dict(n_experts=8), "model.n_experts=8 has no place in the llama format"),
-], ids=["ntk", "mla_norm_eps", "a_field_no_table_holds"])
+    (dict(moe=dict(MOE)), "model.moe.n_routed_experts=4: the llama format has no mixture of "
+     "experts"),
+    (dict(MLA, moe=dict(MOE, score="softmax")), "model.moe.score='softmax': HF DeepSeek-V3 "
+     "routes with sigmoid scores only"),
+    (dict(MLA, moe=dict(MOE, moe_layer_freq=2)), "model.moe.moe_layer_freq=2: HF DeepSeek-V3 "
+     "makes every layer after the first_k_dense MoE"),
+    (dict(MLA, moe=dict(MOE, n_shared_experts=0)), "model.moe.n_shared_experts=0: HF "
+     "DeepSeek-V3 MoE layers always have shared experts"),
+    (dict(MLA, moe=dict(MOE, n_group=4, topk_group=2)), "model.moe.n_group=4 with 4 experts"),
+    (dict(MLA, mtp_depth=1), "model.mtp_depth=1: multi-token prediction (MTP) modules are not "
+     "converted"),
+], ids=["ntk", "mla_norm_eps", "a_field_no_table_holds", "moe_in_llama", "moe_softmax",
+        "moe_layer_freq", "moe_no_shared", "moe_groups_of_one", "mtp"])
 def test_what_a_format_cannot_hold_is_refused(tmp_path, model_fields, needle):
   cfg = tiny_config()
   cfg.model.update(model_fields)  # n_experts stands for any field added without a table row
-  with pytest.raises(hf.FormatError, match="^" + needle.replace("(", r"\(").replace(".", r"\.")):
+  with pytest.raises(hf.FormatError, match="^" + re.escape(needle)) as e:
     hf.check_model(cfg.model)
+  assert "\n" not in str(e.value)
 
 
 def test_the_command_line(tmp_path, capsys, monkeypatch):
@@ -242,3 +274,34 @@ def test_the_command_line(tmp_path, capsys, monkeypatch):
   assert convert.main(["to-hf", "--workdir=run", "--out=y", "--step=4", "--tokenizer=none"]) == 1
   assert "fmjax: no checkpoint 4 in" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_a_router_bias_fmjax_does_not_select_with_exports_as_zeros(tmp_path):
+  """With balance='aux' fmjax's selection ignores the bias; HF's always adds it."""
+  pytest.importorskip("transformers")
+  cfg = tiny_config(**MLA, moe=dict(MOE, balance="aux", first_k_dense=0))
+  params = random_params(cfg, seed=2)
+  assert np.abs(params["moe_layers"]["router_bias"]).min() > 0
+  out = str(tmp_path / "hf")
+  convert.to_hf(make_workdir(str(tmp_path / "run"), cfg, params), out, tokenizer="none")
+  reader = hf.Reader(out)
+  assert not reader.get("model.layers.0.mlp.gate.e_score_correction_bias").any()
+  toks = tokens(cfg.model.vocab_size)
+  assert rel_err(hf_logits(out, toks), fmjax_logits(params, cfg, toks)) < 1e-4
+  _, fields = hf.read_config(out)  # imported, the (zero) bias selects: the same routing
+  assert fields["moe"]["balance"] == "aux_free"
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(scoring_func="softmax"), "scoring_func='softmax' is not supported"),
+    (dict(topk_method="greedy"), "topk_method='greedy' is not supported"),
+    (dict(moe_layer_freq=2), "moe_layer_freq=2 is not supported"),
+    (dict(n_shared_experts=0), "n_shared_experts=0 is not supported"),
+    (dict(n_group=None), "n_group is missing"),
+])
+def test_an_hf_mixture_of_experts_fmjax_cannot_hold_is_refused(change, needle):
+  hf_cfg = hf.to_hf_config(tiny_config(**MLA, n_layers=3, moe=MOE).model, seq_len=32)
+  assert hf.model_fields(hf_cfg)["moe"] == dict(tiny_config(moe=MOE).model.moe)
+  with pytest.raises(hf.FormatError, match=re.escape(needle)) as e:
+    hf.model_fields(dict(hf_cfg, **change))
+  assert "\n" not in str(e.value)
