@@ -244,6 +244,15 @@ def latest_checkpoint(path: str) -> tuple[str, int]:
   raise FileNotFoundError(f"no checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
 
 
+def saved_param_keys(path: str) -> set[str]:
+  """The top-level parameter entries ("embed", "layers", "lora", ...) of the latest
+  checkpoint under `path` (FileNotFoundError if there is none)."""
+  directory, step = latest_checkpoint(path)
+  tree = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(directory) / str(step) / "state").tree
+  return set(tree["params"])
+
+
 def restore_params(path: str, abstract_params):
   """The parameters of the latest checkpoint under `path`, onto `abstract_params`' shardings.
 

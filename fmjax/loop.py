@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import os
 import sys
 import time
@@ -22,7 +23,8 @@ import tqdm
 
 from fmjax import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
-from fmjax import cost, guard as guard_lib, metrics as metrics_lib, sample, sharding, train
+from fmjax import cost, guard as guard_lib, metrics as metrics_lib, posttrain, sample
+from fmjax import sharding, train
 from fmjax import workdir as workdir_lib
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 
@@ -72,14 +74,17 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
       pipeline.open_sources(d, "train")
       if cfg.checkpoint.init_from:
         checkpoint_lib.latest_checkpoint(cfg.checkpoint.init_from)
+      if cfg.objective.name == "dpo":
+        checkpoint_lib.latest_checkpoint(posttrain.reference_path(cfg))
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(str(e)) from None
     per_host_batch = t.batch_size // jax.process_count()
-    train_iter = iter(pipeline.train_dataset(
-        d, tok, batch_size=per_host_batch, process_index=jax.process_index(),
-        process_count=jax.process_count()))
-    eval_data = pipeline.eval_batches(d, tok, batch_size=per_host_batch,
-                                      num_batches=d.eval_batches)
+    train_ds, eval_data = posttrain.datasets(
+        cfg, tok, batch_size=per_host_batch, process_index=jax.process_index(),
+        process_count=jax.process_count(), batch_shards=math.prod(
+            mesh.shape[a] for a in config_lib.parse_axes(cfg.sharding.activations.batch)))
+    train_ds, eval_data, frozen = posttrain.frozen_inputs(s, tok, train_ds, eval_data)
+    train_iter = iter(train_ds)
     _probe(train_iter)
 
   os.makedirs(workdir, exist_ok=True)
@@ -87,7 +92,7 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
       os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
       async_save=cfg.checkpoint.async_save, cleanup=True) as ckpt:
     workdir_lib.check_config(workdir, cfg.to_dict(), allow_config_change)
-    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started)
+    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, frozen)
 
 
 def _probe(iterator):
@@ -101,15 +106,15 @@ def _warn(message: str):
   print(message, file=sys.stderr, flush=True)
 
 
-def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> dict:
+def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started,
+           frozen=None) -> dict:
   t, d = cfg.train, cfg.data
   is_main = jax.process_index() == 0
   restored = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
   if restored is None:
     params = None
     if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
-      params = checkpoint_lib.restore_params(cfg.checkpoint.init_from,
-                                             s.abstract_state["params"])
+      params = posttrain.restore_params(cfg.checkpoint.init_from, s.abstract_state["params"])
     state, progress = train.init_state(s, t.seed, params), {}
   else:
     state, progress = restored.state, restored.progress
@@ -133,8 +138,8 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started) -> 
   if restored is None and t.nonfinite == "restore":
     save(0)  # something to go back to
 
-  train_step = train.make_train_step(s)
-  eval_step = train.make_eval_step(s)
+  train_step = train.make_train_step(s, frozen or None)
+  eval_step = train.make_eval_step(s, frozen or None)
   flops_per_token = cost.flops_per_token(cfg.model, d.seq_len)
   peak, peak_source = cost.peak_flops(cfg.model.dtype)
   tokens_per_step = t.batch_size * d.seq_len
