@@ -41,12 +41,11 @@ def main(argv=None):
     cfg.update(json.load(f))
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
   s = train.setup(cfg, mesh)
-  with checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"),
-                               keep=cfg.checkpoint.keep) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      sys.exit(f"fmjax.export: no checkpoint in {args.workdir}/checkpoints")
-    params = ckpt.restore(step, s.abstract_state)["params"]
+  try:
+    _, step = checkpoint.latest_checkpoint(args.workdir)
+  except FileNotFoundError as e:
+    sys.exit(f"fmjax.export: {e}")
+  params = checkpoint.restore_params(args.workdir, s.abstract_state["params"])
   merged = jax.jit(lambda p: merged_params(p, cfg))(params)
   out_cfg = cfg.copy_and_resolve_references()
   out_cfg.lora.rank = 0

@@ -58,12 +58,11 @@ def main(argv=None):
     cfg.update(json.load(f))
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
   s = train.setup(cfg, mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, "checkpoints"), keep=cfg.checkpoint.keep)
-  step = ckpt.latest_step()
-  if step is None:
-    sys.exit(f"fmjax.task_eval: no checkpoint in {args.workdir}/checkpoints")
-  params = jax.device_get(ckpt.restore(step, s.abstract_state)["params"])
-  ckpt.close()
+  try:
+    _, step = checkpoint.latest_checkpoint(args.workdir)
+  except FileNotFoundError as e:
+    sys.exit(f"fmjax.task_eval: {e}")
+  params = jax.device_get(checkpoint.restore_params(args.workdir, s.abstract_state["params"]))
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   result = dict(task_accuracy(params, cfg, tok, args.examples), step=step)
   print(json.dumps(result, indent=2, sort_keys=True))
