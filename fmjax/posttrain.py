@@ -141,7 +141,9 @@ def datasets(cfg, tokenizer, *, batch_size: int, process_index: int = 0,
             pipeline.eval_batches(d, tokenizer, batch_size=batch_size,
                                   num_batches=d.eval_batches))
   if process_count > 1:
-    raise ValueError(f"objective {name}: task data is read on one host only so far")
+    from fmjax.config import ConfigError
+    raise ConfigError(f"objective.name={name!r} reads task data on one host only so far; "
+                      f"run it on one host, not {process_count}")
   size = d.task_size or None
   if name == "contrastive":
     data_dir = os.path.expanduser(d.data_dir)
