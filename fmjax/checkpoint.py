@@ -261,6 +261,15 @@ def latest_checkpoint(path: str) -> tuple[str, int]:
   raise FileNotFoundError(f"no checkpoint in {path} or {os.path.join(path, 'checkpoints')}")
 
 
+def saved_param_keys(path: str) -> set[str]:
+  """The top-level parameter entries ("embed", "layers", "lora", ...) of the latest
+  checkpoint under `path` (FileNotFoundError if there is none)."""
+  directory, step = latest_checkpoint(path)
+  tree = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(directory) / str(step) / "state").tree
+  return set(tree["params"])
+
+
 def check_init_from(path: str, m) -> None:
   """Raises a one-line ValueError or FileNotFoundError if `path` cannot start model `m`.
 

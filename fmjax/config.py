@@ -18,7 +18,9 @@ SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "lion")
 REMAT = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
-OBJECTIVES = ("next_token",)
+OBJECTIVES = ("next_token", "sft", "dpo", "contrastive")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+POOLING = ("mean", "last")
 ATTENTION = ("gqa", "mla")
 ROPE_SCALING = ("none", "linear", "ntk", "yarn")
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -115,11 +117,30 @@ def base() -> ml_collections.ConfigDict:
       # process reads the shards of its rows. 0: one per process. Fixed, the batches
       # are the same on any number of processes.
       shards=0,
+      # Train examples of the task datasets the sft and dpo objectives read
+      # (fmjax/data/tasks.py); 0: the dataset's default (100k).
+      task_size=0,
   )
   c.objective = dict(
       name="next_token",
       z_loss=0.0,
       ce_chunk=0,  # >0: cross-entropy over sequence chunks of this many positions
+      # next_token: the data.mixture; sft, dpo, contrastive: the task data
+      # (fmjax/data/task_batches.py). See fmjax/objectives.py.
+      dpo=dict(
+          loss="sigmoid",  # sigmoid | ipo | hinge
+          beta=0.1,
+          label_smoothing=0.0,  # sigmoid only: the chance a preference label is flipped
+          reference="",  # workdir of the frozen reference; "" means checkpoint.init_from
+          precompute_reference=False,  # its log-probs once per dataset, then free it
+      ),
+      contrastive=dict(
+          pooling="mean",  # mean | last (token)
+          projection_dim=0,  # > 0: a linear projection head to this many dims
+          symmetric=True,  # CLIP's two directions; False: anchor -> positive only
+          temperature=0.07,  # initial; learned, as logit_scale = ln(1/temperature)
+          max_logit_scale=100.0,  # the clamp on 1/temperature (CLIP's)
+      ),
   )
   c.optimizer = dict(
       name="adamw",
@@ -187,6 +208,10 @@ def base() -> ml_collections.ConfigDict:
   # <root>/<workdir>/checkpoints, e.g. gs://bucket/fmjax/runs/x/checkpoints for
   # --workdir=runs/x: storage every host of a pod can reach (fmjax.checkpoint).
   c.checkpoint = dict(every=200, keep=3, async_save=True, init_from="", root="")
+  # Low-rank adapters (fmjax/lora.py): rank > 0 adds them to the weights whose
+  # dotted names match one of the comma-separated regexes in targets (e.g.
+  # "layers.w[qkvo]$, layers.w_down") and trains only them (and any head).
+  c.lora = dict(rank=0, alpha=16.0, targets="")
   return ml_collections.ConfigDict(c)
 
 
@@ -330,6 +355,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     raise ConfigError(f"objective.ce_chunk={cfg.objective.ce_chunk} must divide "
                       f"data.seq_len={d.seq_len}; pick a divisor, or 0 for no chunking")
 
+  _check_posttraining(cfg)
+
   _choice("optimizer.name", o.name, OPTIMIZERS)
   _choice("optimizer.schedule", o.schedule, SCHEDULES)
   _positive("optimizer.lr", o.lr)
@@ -377,6 +404,43 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
         f"divisible by the {batch_shards} batch shards of the mesh; "
         f"make it a multiple of {batch_shards}")
   return shape
+
+
+def _check_posttraining(cfg):
+  o, dp, c, lo = cfg.objective, cfg.objective.dpo, cfg.objective.contrastive, cfg.lora
+  _positive("data.task_size", cfg.data.task_size, allow_zero=True)
+  _choice("objective.dpo.loss", dp.loss, DPO_LOSSES)
+  _positive("objective.dpo.beta", dp.beta)
+  if not 0 <= dp.label_smoothing < 0.5:
+    raise ConfigError(f"objective.dpo.label_smoothing={dp.label_smoothing} must be in [0, 0.5)")
+  if o.name == "dpo" and not (dp.reference or cfg.checkpoint.init_from):
+    raise ConfigError("objective.name='dpo' needs a reference model: set "
+                      "objective.dpo.reference or checkpoint.init_from to a workdir")
+  _choice("objective.contrastive.pooling", c.pooling, POOLING)
+  _positive("objective.contrastive.projection_dim", c.projection_dim, allow_zero=True)
+  _positive("objective.contrastive.temperature", c.temperature)
+  if c.max_logit_scale < 1:
+    raise ConfigError(f"objective.contrastive.max_logit_scale={c.max_logit_scale} must be "
+                      ">= 1 (CLIP's is 100)")
+  if o.name == "contrastive" and cfg.train.microbatches != 1:
+    raise ConfigError(f"train.microbatches={cfg.train.microbatches} must be 1 for "
+                      "objective.name='contrastive': its negatives are the whole batch")
+  _positive("lora.rank", lo.rank, allow_zero=True)
+  _positive("lora.alpha", lo.alpha)
+  if lo.rank:
+    import re
+    from fmjax import lora, model
+    pats = lora.patterns(lo.targets)
+    if not pats:
+      raise ConfigError(f"lora.rank={lo.rank} needs lora.targets, e.g. 'layers.w[qkvo]$'")
+    for p in pats:
+      try:
+        re.compile(p)
+      except re.error as e:
+        raise ConfigError(f"lora.targets: {p!r} is not a regular expression ({e})") from None
+    if not lora.targets(model.param_decls(cfg.model), lo):
+      raise ConfigError(f"lora.targets={lo.targets!r} matches no weight matrix; names look "
+                        "like layers.wq, layers.w_down, unembed")
 
 
 def _check_gqa(m):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ import tqdm
 from fmjax import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
 from fmjax import cost, distributed, guard as guard_lib, hf, metrics as metrics_lib
-from fmjax import preemption, sample, sharding, train
+from fmjax import posttrain, preemption, sample, sharding, train
 from fmjax import workdir as workdir_lib
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 
@@ -86,15 +87,19 @@ def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
       pipeline.open_sources(d, "train")
       if cfg.checkpoint.init_from:
         checkpoint_lib.check_init_from(cfg.checkpoint.init_from, cfg.model)
+      if cfg.objective.name == "dpo":
+        checkpoint_lib.latest_checkpoint(posttrain.reference_path(cfg))
       rows = distributed.host_rows(s.batch_sharding, t.batch_size)  # this process's rows
       shards = d.shards or jax.process_count()
       pipeline.host_shards(t.batch_size, rows, shards)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(str(e)) from None
-    train_iter = iter(pipeline.host_train_dataset(d, tok, batch_size=t.batch_size, rows=rows,
-                                                  shards=shards))
-    eval_data = [{k: v[rows[0]:rows[1]] for k, v in b.items()} for b in pipeline.eval_batches(
-        d, tok, batch_size=t.batch_size, num_batches=d.eval_batches)]
+    train_ds, eval_data = posttrain.datasets(
+        cfg, tok, batch_size=t.batch_size, rows=rows, shards=shards,
+        process_count=jax.process_count(), batch_shards=math.prod(
+            mesh.shape[a] for a in config_lib.parse_axes(cfg.sharding.activations.batch)))
+    train_ds, eval_data, frozen = posttrain.frozen_inputs(s, tok, train_ds, eval_data)
+    train_iter = iter(train_ds)
     _probe(train_iter)
 
   checkpoints = checkpoint_lib.run_directory(workdir, cfg.checkpoint.root)
@@ -105,7 +110,8 @@ def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
                                          async_save=cfg.checkpoint.async_save,
                                          cleanup=True) as ckpt:
     workdir_lib.check_config(workdir, cfg.to_dict(), allow_config_change)
-    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop)
+    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop,
+                  frozen)
 
 
 def _probe(iterator):
@@ -119,15 +125,16 @@ def _warn(message: str):
   print(message, file=sys.stderr, flush=True)
 
 
-def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop) -> dict:
+def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop,
+           frozen=None) -> dict:
   t, d = cfg.train, cfg.data
   is_main = jax.process_index() == 0
   restored = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
   if restored is None:
     params = None
     if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
-      params = checkpoint_lib.restore_params(cfg.checkpoint.init_from,
-                                             s.abstract_state["params"], cfg.model)
+      params = posttrain.restore_params(cfg.checkpoint.init_from, s.abstract_state["params"],
+                                        cfg.model)
     state, progress = train.init_state(s, t.seed, params), {}
   else:
     state, progress = restored.state, restored.progress
@@ -152,8 +159,8 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, sto
   if restored is None and t.nonfinite == "restore":
     save(0)  # something to go back to
 
-  train_step = train.make_train_step(s)
-  eval_step = train.make_eval_step(s)
+  train_step = train.make_train_step(s, frozen or None)
+  eval_step = train.make_eval_step(s, frozen or None)
   flops_per_token = cost.flops_per_token(cfg.model, d.seq_len)
   peak, peak_source = cost.peak_flops(cfg.model.dtype)
   tokens_per_step = t.batch_size * d.seq_len

@@ -1,8 +1,17 @@
 """Training objectives: pure functions of (params, batch) to summed losses.
 
-An objective returns sums over tokens, not means, so that microbatches add up
-exactly: the train step divides the accumulated sums by the accumulated
-`tokens` once, at the end.
+An objective returns sums, not means, so that microbatches add up exactly:
+the train step divides the accumulated sums by what they are sums over (the
+accumulated `tokens`, or `pairs` for the pair objectives) once, at the end.
+
+  next_token   pretraining; also every packed batch with a loss_mask
+  sft          next-token loss on response tokens only (the batch's loss_mask)
+  dpo          preference pairs against a frozen reference (fmjax/dpo.py)
+  contrastive  InfoNCE over pooled embeddings (fmjax/contrastive.py)
+
+An objective is called as `objective(params, batch, cfg, **frozen)`, where
+`frozen` holds the non-trained inputs it declares (fmjax.posttrain): DPO's
+`reference` parameters, unless its log-probabilities were precomputed.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmjax import model, moe, mtp
+from fmjax import contrastive, dpo, model, moe, mtp
 
 
 def next_token_targets(batch):
@@ -97,8 +106,25 @@ def next_token(params, batch, cfg):
   return loss, stats
 
 
+def sft(params, batch, cfg):
+  """Supervised fine-tuning: next-token loss where the batch's loss_mask is 1 (the response)."""
+  if "loss_mask" not in batch:
+    raise ValueError("objective sft needs batches with a loss_mask (fmjax.data.task_batches)")
+  return next_token(params, batch, cfg)
+
+
+def denominator(stats):
+  """What the statistics are sums over: tokens, or pairs."""
+  return stats["tokens"] if "tokens" in stats else stats["pairs"]
+
+
 def summarize(stats) -> dict:
-  """Means from summed statistics: loss, perplexity, accuracy."""
+  """Means from summed statistics: loss, perplexity, accuracy (next token); for pair
+  objectives, the mean of every statistic per pair."""
+  if "nll" not in stats:
+    n = max(float(stats["pairs"]), 1.0)
+    return dict({k: float(v) / n for k, v in stats.items() if k != "pairs"},
+                pairs=float(stats["pairs"]))
   n = max(float(stats["tokens"]), 1.0)
   loss = float(stats["nll"]) / n
   out = {"loss": loss, "perplexity": float(jnp.exp(jnp.minimum(loss, 50.0))),
@@ -108,4 +134,5 @@ def summarize(stats) -> dict:
   return out
 
 
-OBJECTIVES = {"next_token": next_token}
+OBJECTIVES = {"next_token": next_token, "sft": sft, "dpo": dpo.dpo,
+              "contrastive": contrastive.contrastive}

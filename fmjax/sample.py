@@ -20,6 +20,8 @@ def sample_texts(params, cfg, tokenizer, prompts: list[str], max_new_tokens: int
                  temperature: float, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
                  mesh=None) -> list[str]:
   """Each prompt with its continuation, decoded as one batch; stops at EOS."""
+  from fmjax import lora
+  params = lora.merge(params, cfg.lora)  # a LoRA run decodes with its adapters merged in
   ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   out = decoding.generate(params, cfg, ids, max_new_tokens, temperature, top_k, top_p, seed,
                           stop_id=tokenizer.eos_id, mesh=mesh)

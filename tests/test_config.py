@@ -45,7 +45,7 @@ BAD = [
     ("sharding.activations.batch", "data,data", "sharding.activations.batch='data,data' repeats a mesh axis"),
     ("data.seq_len", 1, "data.seq_len=1 must be >= 2"),
     ("data.mixture", "c4", "data.mixture='c4': unknown source 'c4'"),
-    ("objective.name", "dpo", "objective.name='dpo' is not one of next_token"),
+    ("objective.name", "ppo", "objective.name='ppo' is not one of next_token, sft, dpo, contrastive"),
     ("objective.ce_chunk", 24, "objective.ce_chunk=24 must divide data.seq_len=32"),
     ("objective.ce_chunk", -8, "objective.ce_chunk=-8 must be >= 0"),
 ]

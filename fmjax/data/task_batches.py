@@ -133,11 +133,15 @@ def sft_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: i
 
 
 def dpo_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: int,
-                seed: int = 0, size: int | None = None) -> grain.IterDataset:
-  ex = _examples(tasks.Preferences(split, seed, size), split, seed)
+                seed: int = 0, size: int | None = None,
+                one_pass: bool = False) -> grain.IterDataset:
+  """`one_pass`: every example of the split once, in stored order, the last batch
+  possibly short (to precompute something per example)."""
+  prefs = tasks.Preferences(split, seed, size)
+  ex = grain.MapDataset.source(prefs) if one_pass else _examples(prefs, split, seed)
   ds = ex.map(_DpoExample(tokenizer, seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
   ds = pipeline.SkipBad(ds, "dpo", max_skip_fraction=0.01)
-  return ds.batch(batch_size, drop_remainder=True)
+  return ds.batch(batch_size, drop_remainder=not one_pass)
 
 
 class _WholeBatchEpochs:

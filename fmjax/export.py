@@ -1,0 +1,62 @@
+"""Export a run's parameters with its LoRA adapters merged into the base weights.
+
+  python -m fmjax.export --workdir=runs/dpo_tiny --out=runs/dpo_tiny_merged
+
+Writes OUT/checkpoints/<step> holding the model's parameters only (W + (alpha/r) A B
+for every adapted weight; heads and adapters dropped) and OUT/config.json
+(the run's, with lora.rank = 0 and objective next_token), so OUT can be another
+run's checkpoint.init_from or objective.dpo.reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from fmjax import lora, posttrain
+
+
+def merged_params(params, cfg) -> dict:
+  """The model's parameters with the adapters merged in, without heads or adapters."""
+  return {k: v for k, v in lora.merge(params, cfg.lora).items() if k not in posttrain.ADDED}
+
+
+def main(argv=None):
+  import argparse
+
+  import jax
+
+  from fmjax import checkpoint, config as config_lib, sharding, train
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args(argv)
+  path = os.path.join(args.workdir, "config.json")
+  if not os.path.exists(path):
+    sys.exit(f"fmjax.export: no config.json in --workdir={args.workdir}")
+  cfg = config_lib.base()
+  with open(path) as f:
+    cfg.update(json.load(f))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
+  s = train.setup(cfg, mesh)
+  try:
+    _, step = checkpoint.latest_checkpoint(args.workdir)
+  except FileNotFoundError as e:
+    sys.exit(f"fmjax.export: {e}")
+  params = checkpoint.restore_params(args.workdir, s.abstract_state["params"])
+  merged = jax.jit(lambda p: merged_params(p, cfg))(params)
+  out_cfg = cfg.copy_and_resolve_references()
+  out_cfg.lora.rank = 0
+  out_cfg.objective.name = "next_token"
+  os.makedirs(args.out, exist_ok=True)
+  with checkpoint.Checkpointer(os.path.join(args.out, "checkpoints"), keep=1) as ckpt:
+    ckpt.save(step, {"step": jax.numpy.asarray(step, jax.numpy.int32), "params": merged},
+              force=True)
+  train.write_json(os.path.join(args.out, "config.json"), out_cfg.to_dict())
+  print(f"wrote {args.out}/checkpoints/{step}: merged parameters of {args.workdir}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,74 @@
+"""Held-out task accuracy: greedy answers to validation prompts, checked by recomputation.
+
+  python -m fmjax.task_eval --workdir=runs/sft_tiny [--examples=300]
+
+Renders each validation prompt of fmjax.data.tasks.Instructions with the chat
+template (without its response), decodes greedily until EOS, and checks the
+answer with `tasks.verify`, which recomputes it from the prompt. Prints, and
+writes to WORKDIR/task_eval.json, the accuracy overall and per task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from fmjax import decoding, lora
+from fmjax.data import task_batches, tasks
+
+
+def task_accuracy(params, cfg, tokenizer, examples: int = 300, batch: int = 100,
+                  max_new_tokens: int = 40) -> dict:
+  """Accuracy of greedy answers to the first `examples` validation prompts."""
+  params = lora.merge(params, cfg.lora)
+  data = tasks.Instructions("validation", seed=cfg.data.seed)
+  by_task = {t: [0, 0] for t in tasks.TASKS}
+  for start in range(0, examples, batch):
+    chunk = [data[i] for i in range(start, min(start + batch, examples))]
+    prompts = [task_batches.render(tokenizer, e["prompt"], "")[0] for e in chunk]
+    outputs = decoding.generate(params, cfg, prompts, max_new_tokens, temperature=0.0,
+                                stop_id=tokenizer.eos_id)
+    for e, prompt, out in zip(chunk, prompts, outputs):
+      answer = tokenizer.decode([t for t in out[len(prompt):] if t != tokenizer.eos_id])
+      by_task[e["task"]][0] += tasks.verify(e["task"], e["prompt"], answer)
+      by_task[e["task"]][1] += 1
+  right = sum(r for r, _ in by_task.values())
+  return {"accuracy": right / examples, "examples": examples,
+          "by_task": {t: r / max(n, 1) for t, (r, n) in by_task.items()}}
+
+
+def main(argv=None):
+  import argparse
+
+  import jax
+
+  from fmjax import checkpoint, config as config_lib, sharding, train
+  from fmjax.data import tokenizer as tokenizer_lib
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--examples", type=int, default=300)
+  args = parser.parse_args(argv)
+  path = os.path.join(args.workdir, "config.json")
+  if not os.path.exists(path):
+    sys.exit(f"fmjax.task_eval: no config.json in --workdir={args.workdir}")
+  cfg = config_lib.base()
+  with open(path) as f:
+    cfg.update(json.load(f))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
+  s = train.setup(cfg, mesh)
+  try:
+    _, step = checkpoint.latest_checkpoint(args.workdir)
+  except FileNotFoundError as e:
+    sys.exit(f"fmjax.task_eval: {e}")
+  params = jax.device_get(checkpoint.restore_params(args.workdir, s.abstract_state["params"]))
+  tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
+  result = dict(task_accuracy(params, cfg, tok, args.examples), step=step)
+  print(json.dumps(result, indent=2, sort_keys=True))
+  with open(os.path.join(args.workdir, "task_eval.json"), "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+  main()
