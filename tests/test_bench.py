@@ -185,11 +185,16 @@ def test_bench_command_rejects_a_bad_config(tmp_path):
       "fmjax: config error: objective.ce_chunk=100 must divide data.seq_len=256")
 
 
-def test_xla_flags_only_for_accelerators(monkeypatch):
-  env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+def test_xla_flags_per_platform(monkeypatch):
   monkeypatch.setattr(xla_flags, "platform", lambda: "cpu")
-  assert xla_flags.apply(env) == "cpu"
-  assert env == {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+  cpu_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  assert xla_flags.apply(cpu_env) == "cpu"
+  assert cpu_env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                          "--xla_cpu_experimental_ynn_fusion_type="]
+  chosen = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+  xla_flags.apply(chosen)
+  assert chosen["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+  env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
   monkeypatch.setattr(xla_flags, "platform", lambda: "gpu")
   xla_flags.apply(env)
   flags_set = env["XLA_FLAGS"].split()
