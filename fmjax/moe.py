@@ -159,6 +159,7 @@ def summarize(stats) -> dict:
   n = max(float(stats["tokens"]), 1.0)
   load = np.asarray(stats["moe_load"], np.float64)  # (MoE layers, E) assignments
   frac = load / np.maximum(load.sum(-1, keepdims=True), 1.0)
+  # The losses are summed over MoE layers (as the objective adds them).
   out = {"moe_aux_loss": float(stats["moe_aux"]) / n,
          "moe_router_z_loss": float(stats["moe_router_z"]) / n,
          "moe_drop_rate": float(stats["moe_dropped"]) / max(float(load.sum()), 1.0),
