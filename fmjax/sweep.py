@@ -129,15 +129,31 @@ def command(path: str, member: Member, workdir: str, python: str = "python") -> 
 
 
 def is_finished(member: Member, workdir: str) -> bool:
-  """True if workdir/<name> holds a finished run of exactly this config."""
+  """True if workdir/<name> holds a finished run of this config.
+
+  A run made before fmjax's schema gained fields counts as the same config
+  when only those new fields differ, at their defaults (as a resume does, see
+  fmjax.workdir.config_changes): updating fmjax in the middle of a sweep does
+  not train its finished members again.
+  """
+  from fmjax import workdir as workdir_lib
   from fmjax.loop import config_hash
-  path = os.path.join(workdir, member.name, "summary.json")
+  run_dir = os.path.join(workdir, member.name)
+  path = os.path.join(run_dir, "summary.json")
   if not os.path.exists(path):
     return False
   with open(path) as f:
     summary = json.load(f)
-  return summary.get("config_hash") == config_hash(member.cfg) and \
-      summary.get("steps") == member.cfg.train.steps
+  if summary.get("steps") != member.cfg.train.steps:
+    return False
+  if summary.get("config_hash") == config_hash(member.cfg):
+    return True
+  try:
+    with open(os.path.join(run_dir, "config.json")) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return not workdir_lib.config_changes(saved, member.cfg.to_dict())
 
 
 def record(member: Member, workdir: str, budget=None) -> dict:

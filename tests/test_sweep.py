@@ -9,6 +9,7 @@ import pytest
 
 from fmjax import config as config_lib
 from fmjax import cost, sizing, sweep
+from fmjax import train as train_lib
 
 from conftest import tiny_config
 
@@ -131,6 +132,24 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
   assert "2 already finished, 0 to run" in capsys.readouterr().out
   assert sweep.main([f"--config={experiment}", f"--workdir={workdir}", "--print_commands"]) == 0
   assert capsys.readouterr().out == ""
+
+  # A member trained before the schema gained a field (absent from its saved
+  # config, default now) is still finished; one whose config differs is not.
+  member = sweep.expand(str(experiment))[0]
+  run_dir = os.path.join(workdir, member.name)
+  with open(os.path.join(run_dir, "config.json")) as f:
+    saved = json.load(f)
+  with open(os.path.join(run_dir, "summary.json")) as f:
+    summary = json.load(f)
+  summary["config_hash"] = "made-by-an-older-fmjax"
+  del saved["optimizer"]["lr"]  # a field the older schema lacked; the member keeps its default
+  assert member.cfg.optimizer.lr == config_lib.base().optimizer.lr
+  train_lib.write_json(os.path.join(run_dir, "summary.json"), summary)
+  train_lib.write_json(os.path.join(run_dir, "config.json"), saved)
+  assert sweep.is_finished(member, workdir)
+  saved["model"]["d_model"] += 1
+  train_lib.write_json(os.path.join(run_dir, "config.json"), saved)
+  assert not sweep.is_finished(member, workdir)
 
 
 def test_a_file_without_sweep_gets_a_clear_error(capsys):
