@@ -84,6 +84,19 @@ def initialize(platform: str, environ=os.environ) -> None:
       pass
 
 
+def wait_for_all(name: str) -> None:
+  """Blocks until every process gets here (a barrier of the coordination service, not a collective).
+
+  Before the first step: gloo connects CPU processes at their first collective
+  with a fixed, short timeout, so a process that starts late (process 0 alone
+  opens TensorBoard, for one) must not be met there. `name` must be new each time.
+  """
+  import jax
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost
+    multihost.sync_global_processes(name)
+
+
 def host_rows(batch_sharding, batch_size: int) -> tuple[int, int]:
   """[start, stop): the rows of a (batch_size, ...) global batch held by this process's devices.
 

@@ -219,6 +219,7 @@ def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, sto
     bar.refresh()
     return r
 
+  distributed.wait_for_all("fmjax_train_loop")  # no process meets the first collective late
   with jax.set_mesh(mesh):
     done, stopped = start, ""
     while done < t.steps:
