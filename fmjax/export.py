@@ -10,9 +10,7 @@ run's checkpoint.init_from or objective.dpo.reference.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 from fmjax import lora, posttrain
 
@@ -27,25 +25,13 @@ def main(argv=None):
 
   import jax
 
-  from fmjax import checkpoint, config as config_lib, sharding, train
+  from fmjax import checkpoint, train, trained_run
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
   args = parser.parse_args(argv)
-  path = os.path.join(args.workdir, "config.json")
-  if not os.path.exists(path):
-    sys.exit(f"fmjax.export: no config.json in --workdir={args.workdir}")
-  cfg = config_lib.base()
-  with open(path) as f:
-    cfg.update(json.load(f))
-  mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
-  s = train.setup(cfg, mesh)
-  try:
-    _, step = checkpoint.latest_checkpoint(args.workdir)
-  except FileNotFoundError as e:
-    sys.exit(f"fmjax.export: {e}")
-  params = checkpoint.restore_params(args.workdir, s.abstract_state["params"])
+  cfg, _, params, step = trained_run.load(args.workdir, "fmjax.export")
   merged = jax.jit(lambda p: merged_params(p, cfg))(params)
   out_cfg = cfg.copy_and_resolve_references()
   out_cfg.lora.rank = 0

@@ -7,11 +7,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 
-import jax
 
 from fmjax import decoding
 
@@ -37,7 +33,7 @@ def sample_text(params, cfg, tokenizer, prompt: str, max_new_tokens: int,
 def main(argv=None):
   import argparse
 
-  from fmjax import checkpoint, config as config_lib, sharding, train
+  from fmjax import trained_run
   from fmjax.data import tokenizer as tokenizer_lib
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,23 +48,7 @@ def main(argv=None):
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   args = parser.parse_args(argv)
 
-  config_path = os.path.join(args.workdir, "config.json")
-  if not os.path.exists(config_path):
-    sys.exit(f"fmjax.sample: no config.json in --workdir={args.workdir}; "
-             "point it at the workdir of a training run")
-  cfg = config_lib.base()  # fields newer than the run keep their defaults
-  with open(config_path) as f:
-    cfg.update(json.load(f))
-  directory = checkpoint.run_directory(args.workdir, cfg.checkpoint.get("root", ""))
-  try:
-    checkpoint.latest_checkpoint(directory)
-  except FileNotFoundError:
-    sys.exit(f"fmjax.sample: no checkpoint in {args.workdir}/checkpoints; train first")
-  one_device = dict(data=1, fsdp=1, expert=1, tensor=1)
-  mesh = sharding.make_mesh(one_device, jax.devices()[:1])
-  s = train.setup(cfg, mesh)
-  # parameters only: a checkpoint imported by fmjax.convert has no optimizer state
-  params = checkpoint.restore_params(directory, s.abstract_state["params"], step=args.step)
+  cfg, _, params, _ = trained_run.load(args.workdir, "fmjax.sample", args.step)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   texts = sample_texts(params, cfg, tok, args.prompt or ["And God said"],
                        args.max_new_tokens, args.temperature, args.seed, args.top_k, args.top_p)

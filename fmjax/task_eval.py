@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from fmjax import decoding, lora
 from fmjax.data import task_batches, tasks
@@ -43,26 +42,15 @@ def main(argv=None):
 
   import jax
 
-  from fmjax import checkpoint, config as config_lib, sharding, train
+  from fmjax import trained_run
   from fmjax.data import tokenizer as tokenizer_lib
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--examples", type=int, default=300)
   args = parser.parse_args(argv)
-  path = os.path.join(args.workdir, "config.json")
-  if not os.path.exists(path):
-    sys.exit(f"fmjax.task_eval: no config.json in --workdir={args.workdir}")
-  cfg = config_lib.base()
-  with open(path) as f:
-    cfg.update(json.load(f))
-  mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
-  s = train.setup(cfg, mesh)
-  try:
-    _, step = checkpoint.latest_checkpoint(args.workdir)
-  except FileNotFoundError as e:
-    sys.exit(f"fmjax.task_eval: {e}")
-  params = jax.device_get(checkpoint.restore_params(args.workdir, s.abstract_state["params"]))
+  cfg, _, params, step = trained_run.load(args.workdir, "fmjax.task_eval")
+  params = jax.device_get(params)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   result = dict(task_accuracy(params, cfg, tok, args.examples), step=step)
   print(json.dumps(result, indent=2, sort_keys=True))
