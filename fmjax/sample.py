@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-
-
 from fmjax import decoding
 
 
