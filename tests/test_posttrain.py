@@ -212,22 +212,20 @@ def test_info_nce_matches_numpy(symmetric):
 
 def test_contrastive_sharded_equals_one_device(pooling="last", projection=16):
   """The loss over a batch split across 8 devices equals one device's on the same global
-  batch (the negatives are global), and differs from the mean of per-shard losses."""
+  batch (the negatives are global), and differs from that of per-shard negatives."""
   cfg = contrastive_config(pooling=pooling, projection_dim=projection)
   batch = pair_batch(cfg)
   results = {}
   for name, mesh_shape in (("one", dict(data=1, fsdp=1, tensor=1)),
                            ("eight", dict(data=4, fsdp=2, tensor=1))):
     s = make_setup(cfg, mesh_shape)
-    state = train.init_state(s, seed=0)
-    params = jax.device_get(state["params"])
+    params = train.init_state(s, seed=0)["params"]
     with jax.set_mesh(s.mesh):
-      _, m = train.make_train_step(s)(state, train.global_batch(batch, s.batch_sharding))
-    results[name] = jax.device_get(m), params
+      stats = train.make_eval_step(s)(params, train.global_batch(batch, s.batch_sharding))
+    results[name] = jax.device_get(stats), jax.device_get(params)
   (one, params), (eight, _) = results["one"], results["eight"]
   assert one["pairs"] == eight["pairs"] == 16
   np.testing.assert_allclose(eight["loss"], one["loss"], rtol=1e-5)
-  np.testing.assert_allclose(eight["grad_norm"], one["grad_norm"], rtol=1e-4)
   assert eight["accuracy"] == one["accuracy"]
   record = objectives.summarize({k: one[k] for k in ("pairs", "loss", "temperature")})
   assert record["temperature"] == pytest.approx(0.07, rel=1e-5)
