@@ -21,9 +21,12 @@ the activations' `batch` rule). Inside `jax.shard_map`, each device builds a
 fixed-size buffer per destination device and one `all_to_all` delivers them;
 the experts run on what arrived, and a second `all_to_all` brings the results
 home. XLA:CPU has no ragged all-to-all, so dropless buffers are sized for the
-worst case (every assignment to one device). Expert weights keep their `mlp`
-axis sharded (tensor parallelism: partial sums, one psum); any other sharding
-of them (FSDP over `embed`) is gathered on entry, as for every other weight.
+worst case (every assignment to one device); the experts then compute only the
+smallest of a few static row counts that holds what arrived
+(`grouped_swiglu_gathered`), so a balanced load does not pay for the
+worst case. Expert weights keep their `mlp` axis sharded (tensor parallelism:
+partial sums, one psum); any other sharding of them (FSDP over `embed`) is
+gathered on entry, as for every other weight.
 
 Suffixes: N tokens, K experts per token, A = N K assignments, E experts
 (L local ones), D model width, F expert width, R rows, S slots.
@@ -31,6 +34,7 @@ Suffixes: N tokens, K experts per token, A = N K assignments, E experts
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -61,8 +65,13 @@ def capacity_slots(e_A, n_experts: int, cap: int):
 
 def _gather_rows(x_ND, row_S):
   """x_ND[row_S], where row N (and past) reads zeros."""
-  x_pad = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])
-  return x_pad[jnp.minimum(row_S, x_ND.shape[0])]
+  return jnp.take(x_ND, row_S, axis=0, mode="fill", fill_value=0)
+
+
+def _scatter_rows(size: int, row_S, y_SD):
+  """A (size, D) array of zeros holding y_SD[s] at row row_S[s] (rows distinct)."""
+  out = jnp.zeros((size, y_SD.shape[1]), y_SD.dtype)
+  return out.at[row_S].add(y_SD, unique_indices=True, mode="drop")
 
 
 def _fill(size: int, index_A, value_A, empty: int):
@@ -133,6 +142,59 @@ def grouped_swiglu(x_RD, sizes_L, wg, wu, wd, how: str):
   return fn(x_RD, sizes_L, wg, wu, wd)
 
 
+def row_buckets(total: int, typical: int) -> tuple[int, ...]:
+  """The static row counts a worst-case buffer of `total` rows is computed over:
+  a few multiples of the `typical` count (a balanced load), then all of it."""
+  multiples = {min(total, -(-int(f * typical) // 8) * 8) for f in BUCKET_FACTORS}
+  return tuple(sorted(multiples | {total}))
+
+
+BUCKET_FACTORS = (1.25, 1.5, 2, 4)
+
+
+def grouped_swiglu_gathered(x_RD, order_R, sizes_L, weights, how: str, typical: int):
+  """`grouped_swiglu` of the rows x_RD[order_R], grouped by expert, whose groups fill
+  only the first sum(sizes_L) of them; returns the result in x_RD's row order
+  (rows outside the groups give 0).
+
+  The buffer is sized for the worst case, but only the smallest of
+  `row_buckets` that holds the grouped rows is gathered, computed and
+  scattered back (`lax.switch` picks it at run time), so a balanced load costs
+  about its own rows, not the whole buffer. The gradient is a switch of its
+  own that recomputes the chosen bucket's forward pass: differentiating the
+  switch directly keeps every branch's intermediates and measured twice as
+  slow on CPUs.
+  """
+  R = x_RD.shape[0]
+  buckets = row_buckets(R, typical)
+
+  def rows_of(rows, x_RD, weights, order_R, sizes_L):
+    y_rD = grouped_swiglu(x_RD[order_R[:rows]], sizes_L, *weights, how)
+    return _scatter_rows(R, order_R[:rows], y_rD)
+
+  def bucket(sizes_L):
+    return jnp.searchsorted(jnp.asarray(buckets, jnp.int32), jnp.sum(sizes_L), side="left")
+
+  @jax.custom_vjp
+  def run(x_RD, weights, order_R, sizes_L):
+    branches = [functools.partial(rows_of, rows) for rows in buckets]
+    return jax.lax.switch(bucket(sizes_L), branches, x_RD, weights, order_R, sizes_L)
+
+  def run_fwd(x_RD, weights, order_R, sizes_L):
+    return run(x_RD, weights, order_R, sizes_L), (x_RD, weights, order_R, sizes_L)
+
+  def run_bwd(saved, g_RD):
+    def grads(rows, x_RD, weights, order_R, sizes_L, g_RD):
+      _, vjp = jax.vjp(lambda x, w: rows_of(rows, x, w, order_R, sizes_L), x_RD, weights)
+      return vjp(g_RD)
+    branches = [functools.partial(grads, rows) for rows in buckets]
+    gx_RD, gw = jax.lax.switch(bucket(saved[3]), branches, *saved, g_RD)
+    return gx_RD, gw, None, None
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(x_RD, tuple(weights), order_R, sizes_L)
+
+
 def _all_to_all(x, axes):
   return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
 
@@ -171,7 +233,7 @@ def _dropless_local(x_ND, e_A, tok_A, weights, e_cfg, ep: int, ep_axes):
   dev_counts = counts_E.reshape(ep, L).sum(axis=1)
   dev_starts = jnp.cumsum(dev_counts) - dev_counts
   slot_sorted = dev_sorted * A + jnp.arange(A, dtype=jnp.int32) - dev_starts[dev_sorted]
-  send_RD = _gather_rows(x_ND, _fill(ep * A, slot_sorted, tok_A[order_A], N))
+  send_RD = _scatter_rows(ep * A, slot_sorted, x_ND[tok_A[order_A]])
   recv_RD = _all_to_all(send_RD, ep_axes)
   recv_counts_PL = _all_to_all(counts_E, ep_axes).reshape(ep, L)  # P: source device
   # Local expert of each received row (L for padding), then group rows by it.
@@ -179,11 +241,10 @@ def _dropless_local(x_ND, e_A, tok_A, weights, e_cfg, ep: int, ep_axes):
   row_A = jnp.arange(A, dtype=jnp.int32)
   expert_PA = jnp.sum(row_A[None, :, None] >= ends_PL[:, None, :], axis=-1)
   order_R = jnp.argsort(expert_PA.reshape(-1), stable=True)
-  y_RD = grouped_swiglu(recv_RD[order_R], recv_counts_PL.sum(axis=0), *weights,
-                        e_cfg.grouped_matmul)
-  back_RD = _all_to_all(y_RD[_inverse(order_R)], ep_axes)
-  y_sorted_AD = back_RD[slot_sorted]
-  return y_sorted_AD[_inverse(order_A)], jnp.zeros((), jnp.int32)
+  y_RD = grouped_swiglu_gathered(recv_RD, order_R, recv_counts_PL.sum(axis=0), weights,
+                                 e_cfg.grouped_matmul, typical=A)
+  back_RD = _all_to_all(y_RD, ep_axes)
+  return back_RD[slot_sorted[_inverse(order_A)]], jnp.zeros((), jnp.int32)
 
 
 def _experts_local(x_ND, idx_NK, w_NK, weights, e_cfg, dropless, ep, ep_axes, mlp_axes,

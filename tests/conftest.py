@@ -5,6 +5,14 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, shared with the command lines the
+# tests start: the same tiny programs are compiled by many tests and subprocesses.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit, shutil, tempfile  # noqa: E401
+  _cache = tempfile.mkdtemp(prefix="fmjax_test_jax_cache_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 import pytest  # noqa: E402
 

@@ -134,6 +134,31 @@ def test_expert_parallel_layer_equals_one_expert_at_a_time(mesh_shape, dispatch_
   np.testing.assert_array_equal(gp["router_bias"], 0.0)  # selection only: no gradient
 
 
+@pytest.mark.parametrize("skew", [0.0, 4.0], ids=["balanced", "all_to_device_0"])
+def test_dropless_expert_parallel_computes_any_load_exactly(skew):
+  # A bias of +skew on experts 0 and 1 (device 0's under expert=4) sends every
+  # assignment there: device 0 computes its whole worst-case buffer, the others nothing.
+  cfg = moe_config(dispatch="dropless", **ROUTERS["sigmoid_grouped_aux_free"])
+  decls, params = layer_params(cfg)
+  params["router_bias"] = params["router_bias"].at[..., :2].set(skew)
+  x, r = layer_inputs(cfg)
+  y_ref, gp_ref, gx_ref = reference_layer(cfg, params, x, r)
+  _, idx = reference_moe(jax.tree.map(lambda a: a[0], params), x, cfg.model.moe)
+  on_device_0 = np.mean(np.asarray(idx) < 2)
+  assert on_device_0 == 1.0 if skew else on_device_0 < 0.5
+  y, dropped, gp, gx = run_layer(cfg, dict(expert=4, data=2), params, decls, x, r)
+  assert dropped == 0
+  assert_close(y, y_ref)
+  assert_close(gx, gx_ref)
+  assert_close(gp, gp_ref)
+
+
+def test_row_buckets_end_with_the_whole_buffer():
+  assert dispatch.row_buckets(4096, 1024) == (1280, 1536, 2048, 4096)
+  assert dispatch.row_buckets(2048, 1024) == (1280, 1536, 2048)
+  assert dispatch.row_buckets(100, 10) == (16, 24, 40, 100)
+
+
 def expected_drops(idx_BTK, n_shards, cap):
   """Assignments past their expert's `cap`-th on each device, in k-major order per device."""
   B, T, K_ = idx_BTK.shape
