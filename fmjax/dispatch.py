@@ -142,14 +142,14 @@ def grouped_swiglu(x_RD, sizes_L, wg, wu, wd, how: str):
   return fn(x_RD, sizes_L, wg, wu, wd)
 
 
+BUCKET_FACTORS = (1.25, 1.5, 2, 4)  # row counts computed, as multiples of a balanced load
+
+
 def row_buckets(total: int, typical: int) -> tuple[int, ...]:
   """The static row counts a worst-case buffer of `total` rows is computed over:
   a few multiples of the `typical` count (a balanced load), then all of it."""
   multiples = {min(total, -(-int(f * typical) // 8) * 8) for f in BUCKET_FACTORS}
   return tuple(sorted(multiples | {total}))
-
-
-BUCKET_FACTORS = (1.25, 1.5, 2, 4)
 
 
 def grouped_swiglu_gathered(x_RD, order_R, sizes_L, weights, how: str, typical: int):
