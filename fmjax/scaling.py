@@ -370,6 +370,7 @@ def fit_all(N, D, L, C, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0
   out["parametric"] = par.as_dict()
   out["goodness"] = goodness(par, N, D, L)
   out["leave_one_budget_out"] = leave_one_budget_out(N, D, L, C, delta=delta, full=par)
+  out["identifiability"] = identifiability(out["parametric"], N, D)
   try:
     iso = fit_isoflop(N, D, L, C)
     out["isoflop"] = iso.as_dict()
@@ -384,6 +385,26 @@ def fit_all(N, D, L, C, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0
       {"C": c, "N": float(n), "D": float(d), "tokens_per_param": float(t), "loss": float(l)}
       for c, n, d, t, l in zip(targets, opt["N"], opt["D"], opt["tokens_per_param"], opt["loss"])]
   return out
+
+
+# A power-law term that changes by less than this share of itself across the
+# runs' sizes is indistinguishable from a constant, so E is not identified.
+MIN_TERM_CHANGE = 0.1
+
+
+def identifiability(fit: dict, N, D) -> dict:
+  """Whether E is separated from the power-law terms by the runs' spread of N and D.
+
+  A/N^alpha changes by 1 - (N_min/N_max)^alpha of itself across the runs;
+  when alpha (or beta) is so small that this is under MIN_TERM_CHANGE, the
+  term acts as a constant and trades off against E: the fit then cannot say
+  what E is, only what the floor E + A/N^alpha is at the sizes it saw.
+  """
+  n_change = 1.0 - (float(np.min(N)) / float(np.max(N))) ** fit["alpha"]
+  d_change = 1.0 - (float(np.min(D)) / float(np.max(D))) ** fit["beta"]
+  return {"N_term_change": n_change, "D_term_change": d_change,
+          "floor_at_largest_N": fit["E"] + fit["A"] / float(np.max(N)) ** fit["alpha"],
+          "E_identified": bool(min(n_change, d_change) >= MIN_TERM_CHANGE)}
 
 
 def known_entropy(rows: list[dict], column: str = "data_entropy_nats") -> float | None:
@@ -458,6 +479,13 @@ def report(result: dict) -> str:
     lines.append(f"  the data's entropy H = {h['H']:.4g}: E - H = {h['E_minus_H']:+.4g} "
                  f"({h['relative_gap']:+.1%}), H {'inside' if h['H_in_interval'] else 'outside'} "
                  "E's interval")
+  ident = result.get("identifiability")
+  if ident and not ident["E_identified"]:
+    lines.append(f"  warning: across the runs A/N^alpha changes by {ident['N_term_change']:.1%} "
+                 f"and B/D^beta by {ident['D_term_change']:.1%}: a term that barely changes acts "
+                 f"as a constant, so E is not identified; the floor E + A/N^alpha at the largest "
+                 f"N is {ident['floor_at_largest_N']:.4g}" + (
+                     f" (H {result['entropy']['H']:.4g})" if "entropy" in result else ""))
   g = result["goodness"]
   lines.append(f"  R^2 (log) {g['r2_log']:.4f}, RMSE (log) {g['rmse_log']:.4f}, "
                f"mean |rel err| {g['mean_abs_rel_error']:.2%}")

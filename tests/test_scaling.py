@@ -118,6 +118,16 @@ def test_cli_fits_a_table_and_writes_plots(tmp_path, capsys):
   assert "tokens/param" in out_text and "the data's entropy H" in out_text
 
 
+def test_a_nearly_flat_term_means_e_is_not_identified():
+  N, D = np.array([5e4, 1e6]), np.array([1e5, 1e7])  # 20x and 100x spreads
+  flat = dict(E=0.0, A=1.9, alpha=0.008, B=1e6, beta=1.2)
+  ident = scaling.identifiability(flat, N, D)
+  assert ident["N_term_change"] == pytest.approx(1 - 20 ** -0.008)
+  assert not ident["E_identified"]
+  assert ident["floor_at_largest_N"] == pytest.approx(1.9 * 1e6 ** -0.008)
+  assert scaling.identifiability(dict(flat, E=1.7, alpha=0.3), N, D)["E_identified"]
+
+
 def test_known_entropy_needs_every_row_to_agree():
   assert scaling.known_entropy([{"data_entropy_nats": 1.5}] * 3) == 1.5
   assert scaling.known_entropy([{"data_entropy_nats": 1.5}, {}]) is None
