@@ -42,6 +42,9 @@ DEFAULT_REFINE = 16
 # The Huber objective is tiny (residuals ~1e-2, delta 1e-3), so scipy's default
 # stopping tolerances end L-BFGS far from the optimum.
 LBFGS_OPTIONS = dict(gtol=1e-12, ftol=1e-15, maxiter=5000)
+# Box for (a, b, e, alpha, beta): losses fall with N and D (alpha, beta >= 0), and
+# A, B, E stay finite. Resamples of a few points otherwise drift off to A = e^800.
+BOUNDS = ((-30.0, 300.0), (-30.0, 300.0), (-30.0, 5.0), (0.0, 10.0), (0.0, 10.0))
 
 
 # ---------------------------------------------------------------------------
@@ -154,8 +157,9 @@ def _best_starts(starts, logN, logD, logL, delta, k):
 def _minimise(starts, logN, logD, logL, delta):
   best = None
   for x0 in starts:
+    x0 = np.clip(x0, [lo for lo, _ in BOUNDS], [hi for _, hi in BOUNDS])
     res = optimize.minimize(_parametric_objective, x0, args=(logN, logD, logL, delta),
-                            jac=True, method="L-BFGS-B", options=LBFGS_OPTIONS)
+                            jac=True, method="L-BFGS-B", bounds=BOUNDS, options=LBFGS_OPTIONS)
     if best is None or res.fun < best.fun:
       best = res
   return best
