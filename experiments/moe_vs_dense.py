@@ -14,6 +14,12 @@ token for training.
 The sweep trains both (members `base`, the MoE model, and
 `n_routed_experts0`) and writes records.jsonl with total and
 active parameters, FLOPs and held-out losses side by side.
+
+Measured (2026-11-23, 250 steps each): held-out loss 3.964 for the MoE model
+against 3.968 for the dense one, within noise of each other at this length;
+the MoE router went from the busiest expert at 3.0x the mean load (step 5)
+to 1.10x (step 250) with nothing dropped. On the 8-device CPU mesh the MoE
+step gives about 0.8x the dense step's tokens/s (tools/BENCHMARKS.md).
 """
 
 import importlib.util

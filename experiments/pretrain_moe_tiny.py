@@ -27,8 +27,11 @@ per layer (moe_load), the busiest expert over the mean (moe_load_max, about
 1.3-1.9 at the first step), the f.P and router z-losses (summed over the 3
 MoE layers: about 3.0 and 13.5 at the first step), no drops, and the bias
 range; expert_load.png plots the load over training. A 4-step smoke run
-(--config.train.steps=4) gives train loss 7.65 -> 7.19. The full run's
-held-out loss has not been measured yet.
+(--config.train.steps=4) gives train loss 7.65 -> 7.19. The full run
+(measured 2026-11-23, 709 s on 2 shared CPU cores) reaches held-out loss
+3.90 (3.96 without MTP, see moe_vs_dense.py); by then the busiest expert
+carries 1.15x the mean load, nothing is dropped, and the bias spans
+-0.16 .. 0.46.
 """
 
 from fmjax import config
