@@ -4,7 +4,7 @@ Starts from `experiments/pretrain_tiny.py`'s latest parameters and trains them,
 with a 128-dimensional projection head and a learned temperature (clamped as
 in CLIP), to embed two disjoint runs of verses of one King James chapter near
 each other and away from the other 31 chapters of the batch (symmetric
-InfoNCE over mean-pooled final hidden states; fmjax/contrastive.py). The
+InfoNCE over mean-pooled final hidden states; fmjax/posttrain/contrastive.py). The
 negatives are the whole global batch, across the data-parallel shards.
 
   python -m fmjax.main --config=experiments/pretrain_tiny.py --workdir=runs/pretrain_tiny

@@ -23,7 +23,8 @@ Smoke test: add --config.train.steps=5.
 
 import os
 
-from fmjax import config, hf
+from fmjax import config
+from fmjax.hf import formats as hf
 
 DEFAULT = "runs/pretrain_tiny_hf"
 

@@ -18,7 +18,7 @@ smallest models sit well above H (a rank-32 unembedding cannot hold a
 """
 
 from fmjax import config
-from fmjax import sweep as sweep_lib
+from fmjax.scaling import sweep as sweep_lib
 
 BUDGETS = (5e11, 1e12, 2e12, 4e12)
 DEPTHS = (1, 2, 3, 4)

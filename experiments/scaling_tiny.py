@@ -21,7 +21,7 @@ Train a single member directly, e.g. the depth-2 model at the smallest budget:
 """
 
 from fmjax import config
-from fmjax import sweep as sweep_lib
+from fmjax.scaling import sweep as sweep_lib
 
 BUDGETS = (1e12, 2e12, 4e12, 8e12)
 DEPTHS = (1, 2, 3, 4)

@@ -6,7 +6,7 @@
 `--steps=0` only compiles: FLOPs, memory and compile time, with nothing
 allocated (a model too big for this machine can still be sized).
 
-Builds the experiment's real train step (`fmjax.train.setup` and
+Builds the experiment's real train step (`fmjax.train.state.setup` and
 `make_train_step`, so every model and objective the config can name is
 measured the same way), compiles it, and runs it on a fixed synthetic batch.
 It reports, as a readable table on stderr and one JSON object on stdout:
@@ -16,7 +16,7 @@ It reports, as a readable table on stderr and one JSON object on stdout:
   each the wall time between the completions of successive steps, with at most
   two steps in flight (more can deadlock XLA:CPU's fake devices);
 - tokens/s: tokens per step (batch x seq_len) / step time;
-- model FLOPs per token (fmjax.cost.flops_per_token) and
+- model FLOPs per token (fmjax.nn.cost.flops_per_token) and
   MFU = tokens/s x FLOPs per token / peak FLOP/s of all devices in use. GPUs
   and TPUs use their datasheet's dense bf16 peak; a CPU has none, so the peak
   is measured in this run: the best of large jitted matmuls in the compute
@@ -41,7 +41,7 @@ import time
 
 from absl import flags
 
-from fmjax import cli
+from fmjax.runtime import cli
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; 0 only compiles (FLOPs, memory).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Steps run before timing starts.")
@@ -128,7 +128,7 @@ def time_steps(step, state, batch, n: int):
 class Compiled:
   """A config's train step, compiled, with a state and a batch to run it on."""
   cfg: object
-  setup: object  # fmjax.train.Setup
+  setup: object  # fmjax.train.state.Setup
   step: object  # the compiled executable
   state: dict
   batch: dict
@@ -153,8 +153,8 @@ def compile_step(cfg, devices=None, materialize: bool = True) -> Compiled:
   """
   import jax
 
-  from fmjax import sharding as sharding_lib
-  from fmjax import train
+  from fmjax.nn import sharding as sharding_lib
+  from fmjax.train import state as train
 
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   s = train.setup(cfg, mesh)
@@ -200,8 +200,9 @@ def record(c: Compiled, times, peak) -> dict:
   import jax
   import numpy as np
 
-  from fmjax import cost, objectives
-  from fmjax import params as params_lib
+  from fmjax.nn import cost
+  from fmjax.train import objectives
+  from fmjax.nn import params as params_lib
 
   cfg, s = c.cfg, c.setup
   n_devices = s.mesh.devices.size
@@ -254,7 +255,7 @@ def record(c: Compiled, times, peak) -> dict:
 
 def device_peak(dtype: str, n_devices: int) -> tuple[float, str]:
   """Peak FLOP/s of `n_devices` devices: datasheet x n, or the measured host peak on a CPU."""
-  from fmjax import cost
+  from fmjax.nn import cost
 
   import jax
 
@@ -332,6 +333,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from fmjax import host_malloc
+  from fmjax.runtime import host_malloc
   host_malloc.reexec()
   sys.exit(main())

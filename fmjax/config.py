@@ -42,7 +42,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.model = dict(
       vocab_size=2048,
-      depth=0,  # size dial: > 0 sets n_layers, d_model, heads and d_ff (fmjax/sizing.py)
+      depth=0,  # size dial: > 0 sets n_layers, d_model, heads and d_ff (fmjax/scaling/sizing.py)
       aspect_ratio=64,  # d_model per layer under the size dial
       d_model=256,
       n_layers=4,
@@ -70,7 +70,7 @@ def base() -> ml_collections.ConfigDict:
       dtype="float32",  # compute dtype; parameters are always float32
       remat="none",  # none | full | dots
       scan_layers=True,
-      # Mixture of experts (fmjax/moe.py); n_routed_experts=0 keeps every MLP dense.
+      # Mixture of experts (fmjax/nn/moe.py); n_routed_experts=0 keeps every MLP dense.
       moe=dict(
           n_routed_experts=0,
           n_shared_experts=0,  # experts every token goes through
@@ -95,7 +95,7 @@ def base() -> ml_collections.ConfigDict:
           capacity_factor=1.25,  # slots per expert = factor x assignments / experts
           grouped_matmul="auto",  # dropless: ragged_dot | blocked; auto: blocked on CPU
       ),
-      mtp_depth=0,  # DeepSeek-V3 multi-token prediction: extra tokens predicted (fmjax/mtp.py)
+      mtp_depth=0,  # DeepSeek-V3 multi-token prediction: extra tokens predicted (fmjax/nn/mtp.py)
       mtp_weight=0.3,  # lambda: the MTP loss weight
   )
   c.data = dict(
@@ -126,7 +126,7 @@ def base() -> ml_collections.ConfigDict:
       z_loss=0.0,
       ce_chunk=0,  # >0: cross-entropy over sequence chunks of this many positions
       # next_token: the data.mixture; sft, dpo, contrastive: the task data
-      # (fmjax/data/task_batches.py). See fmjax/objectives.py.
+      # (fmjax/data/task_batches.py). See fmjax/train/objectives.py.
       dpo=dict(
           loss="sigmoid",  # sigmoid | ipo | hinge
           beta=0.1,
@@ -172,7 +172,7 @@ def base() -> ml_collections.ConfigDict:
   )
   c.train = dict(
       steps=1000,
-      # Or give the horizon as one of these (fmjax/sizing.py turns it into steps):
+      # Or give the horizon as one of these (fmjax/scaling/sizing.py turns it into steps):
       tokens=0,
       tokens_per_param=0.0,
       flops=0.0,  # a training-FLOP budget
@@ -198,7 +198,7 @@ def base() -> ml_collections.ConfigDict:
       spike_zscore=6.0,
       spike_decay=0.98,
       # Wall-clock budget ("90m", "2h", "1h30m", "3600"; "" none): when it runs out,
-      # the run saves a checkpoint and exits 0, as on SIGTERM (fmjax/preemption.py).
+      # the run saves a checkpoint and exits 0, as on SIGTERM (fmjax/train/preemption.py).
       max_runtime="",
   )
   # init_from: a workdir (or its checkpoints/ directory) whose latest parameters
@@ -206,9 +206,9 @@ def base() -> ml_collections.ConfigDict:
   # fresh optimizer at step 0 (continued pretraining, fine-tuning).
   # root: "" keeps checkpoints in <workdir>/checkpoints; else they go to
   # <root>/<workdir>/checkpoints, e.g. gs://bucket/fmjax/runs/x/checkpoints for
-  # --workdir=runs/x: storage every host of a pod can reach (fmjax.checkpoint).
+  # --workdir=runs/x: storage every host of a pod can reach (fmjax.train.checkpoint).
   c.checkpoint = dict(every=200, keep=3, async_save=True, init_from="", root="")
-  # Low-rank adapters (fmjax/lora.py): rank > 0 adds them to the weights whose
+  # Low-rank adapters (fmjax/posttrain/lora.py): rank > 0 adds them to the weights whose
   # dotted names match one of the comma-separated regexes in targets (e.g.
   # "layers.w[qkvo]$, layers.w_down") and trains only them (and any head).
   c.lora = dict(rank=0, alpha=16.0, targets="")
@@ -376,7 +376,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   _positive("train.spike_zscore", t.spike_zscore, allow_zero=True)
   if not 0 < t.spike_decay < 1:
     raise ConfigError(f"train.spike_decay={t.spike_decay} must be in (0, 1), e.g. 0.98")
-  from fmjax.preemption import parse_duration
+  from fmjax.train.preemption import parse_duration
   try:
     parse_duration(t.max_runtime)
   except ValueError as e:
@@ -429,7 +429,8 @@ def _check_posttraining(cfg):
   _positive("lora.alpha", lo.alpha)
   if lo.rank:
     import re
-    from fmjax import lora, model
+    from fmjax.posttrain import lora
+    from fmjax.nn import model
     pats = lora.patterns(lo.targets)
     if not pats:
       raise ConfigError(f"lora.rank={lo.rank} needs lora.targets, e.g. 'layers.w[qkvo]$'")

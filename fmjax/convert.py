@@ -1,4 +1,4 @@
-"""Converts checkpoints between fmjax and Hugging Face (the formats are fmjax/hf.py).
+"""Converts checkpoints between fmjax and Hugging Face (the formats are fmjax/hf/formats.py).
 
   python -m fmjax.convert to-hf --workdir=DIR [--step=N] --out=HF_DIR \
       [--dtype=float32|bfloat16] [--max_shard_gb=2] [--tokenizer=auto|none|FILE]
@@ -35,9 +35,9 @@ import time
 import jax
 import numpy as np
 
-from fmjax import checkpoint as checkpoint_lib
+from fmjax.train import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
-from fmjax import hf
+from fmjax.hf import formats as hf
 
 
 def load_workdir_config(workdir: str):
@@ -56,8 +56,8 @@ def load_workdir_config(workdir: str):
 def workdir_arrays(workdir: str, step: int | None, m):
   """(checkpoint step, iterator of (parameter name, numpy value)) read one at a time."""
   import orbax.checkpoint as ocp
-  from fmjax import model as model_lib
-  from fmjax.params import leaves_with_names
+  from fmjax.nn import model as model_lib
+  from fmjax.nn.params import leaves_with_names
 
   directory, latest = checkpoint_lib.latest_checkpoint(workdir)
   step = latest if step is None else step

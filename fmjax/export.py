@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from fmjax import lora, posttrain
+from fmjax.posttrain import lora, plan as posttrain
 
 
 def merged_params(params, cfg) -> dict:
@@ -25,7 +25,7 @@ def main(argv=None):
 
   import jax
 
-  from fmjax import checkpoint, train, trained_run
+  from fmjax.train import checkpoint, state as train, trained_run
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)

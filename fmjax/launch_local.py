@@ -6,14 +6,14 @@
 starts N copies of `python -m fmjax.main ARGS` (or --module), each with its
 own `--devices-per-process` fake CPU devices (appended as
 --config.mesh.cpu_devices), joined by jax's distributed runtime through a
-coordinator on a free local port (fmjax.distributed; CPU collectives go
+coordinator on a free local port (fmjax.runtime.distributed; CPU collectives go
 through gloo). Each line of their output is prefixed with the process index.
 
 If a process dies (any non-zero exit or a signal), the others are killed at
 once (they would wait on it in a collective until a timeout) and the launcher
 exits with that status (128 + the signal's number for a signal). SIGTERM or
 Ctrl-C to the launcher is passed to every process as SIGTERM, so they stop
-after the same step with a checkpoint (fmjax.preemption); a second one kills
+after the same step with a checkpoint (fmjax.train.preemption); a second one kills
 them. Exit status 0 when all of them exit 0.
 """
 

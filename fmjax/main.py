@@ -11,7 +11,7 @@ in use, unreadable data, no usable checkpoint, a halt on non-finite steps).
 SIGTERM, or the end of --max_runtime, stops the run after its current step with
 a checkpoint and exit status 0; the same command resumes it.
 
-Several processes (one per host) run the same command; see fmjax.distributed
+Several processes (one per host) run the same command; see fmjax.runtime.distributed
 for --coordinator_address, --num_processes and --process_id, and
 fmjax.launch_local for several processes on one machine.
 """
@@ -22,9 +22,9 @@ import sys
 
 from absl import flags
 
-from fmjax import cli
-from fmjax.cli import UsageError
-from fmjax.workdir import RESUMABLE_CHANGES, config_changes  # noqa: F401  (part of the CLI's API)
+from fmjax.runtime import cli
+from fmjax.runtime.cli import UsageError
+from fmjax.train.workdir import RESUMABLE_CHANGES, config_changes  # noqa: F401  (part of the CLI's API)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and records.")
 _MAX_RUNTIME = flags.DEFINE_string(
@@ -68,7 +68,9 @@ def train(cfg, workdir: str, allow_config_change: bool = False) -> int:
   """Validates and trains `cfg`; returns the exit status, printing a one-line error if not 0."""
   import jax
 
-  from fmjax import config as config_lib, loop, sizing
+  from fmjax import config as config_lib
+  from fmjax.train import loop
+  from fmjax.scaling import sizing
 
   try:
     cfg = sizing.resolve(cfg)
@@ -84,6 +86,6 @@ def train(cfg, workdir: str, allow_config_change: bool = False) -> int:
 
 
 if __name__ == "__main__":
-  from fmjax import host_malloc
+  from fmjax.runtime import host_malloc
   host_malloc.reexec()
   sys.exit(main())

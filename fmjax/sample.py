@@ -1,4 +1,4 @@
-"""Text generation from a trained model (the decoding itself is fmjax.decoding).
+"""Text generation from a trained model (the decoding itself is fmjax.nn.decoding).
 
   python -m fmjax.sample --workdir=DIR --prompt="And God said" --max_new_tokens=80
   python -m fmjax.sample --workdir=DIR --prompt="In the beginning" --prompt="Jesus wept" \
@@ -7,14 +7,14 @@
 
 from __future__ import annotations
 
-from fmjax import decoding
+from fmjax.nn import decoding
 
 
 def sample_texts(params, cfg, tokenizer, prompts: list[str], max_new_tokens: int,
                  temperature: float, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
                  mesh=None) -> list[str]:
   """Each prompt with its continuation, decoded as one batch; stops at EOS."""
-  from fmjax import lora
+  from fmjax.posttrain import lora
   params = lora.merge(params, cfg.lora)  # a LoRA run decodes with its adapters merged in
   ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   out = decoding.generate(params, cfg, ids, max_new_tokens, temperature, top_k, top_p, seed,
@@ -31,7 +31,7 @@ def sample_text(params, cfg, tokenizer, prompt: str, max_new_tokens: int,
 def main(argv=None):
   import argparse
 
-  from fmjax import trained_run
+  from fmjax.train import trained_run
   from fmjax.data import tokenizer as tokenizer_lib
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 
-from fmjax import decoding, lora
+from fmjax.nn import decoding
+from fmjax.posttrain import lora
 from fmjax.data import task_batches, tasks
 
 
@@ -42,7 +43,7 @@ def main(argv=None):
 
   import jax
 
-  from fmjax import trained_run
+  from fmjax.train import trained_run
   from fmjax.data import tokenizer as tokenizer_lib
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

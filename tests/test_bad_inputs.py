@@ -18,7 +18,9 @@ import pytest
 import sentencepiece as spm
 
 from conftest import tiny_config, tree_hash
-from fmjax import checkpoint, convert, hf, main as main_lib, workdir as workdir_lib
+from fmjax.train import checkpoint, workdir as workdir_lib
+from fmjax import convert, main as main_lib
+from fmjax.hf import formats as hf
 from fmjax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,7 +235,8 @@ def test_every_checkpoint_corrupt(capsys, workdir, built_data):
 def test_checkpoint_with_non_finite_values_is_never_written(tmp_path, trained, built_data):
   import jax
   import jax.numpy as jnp
-  from fmjax import sharding, train
+  from fmjax.nn import sharding
+  from fmjax.train import state as train
 
   cfg = config(built_data)
   s = train.setup(cfg, sharding.make_mesh(cfg.mesh))

@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import bench, cost, model, objectives, sharding, train, xla_flags
-from fmjax import params as params_lib
+from fmjax import bench
+from fmjax.nn import cost, model, sharding
+from fmjax.train import objectives, state as train
+from fmjax.runtime import xla_flags
+from fmjax.nn import params as params_lib
 from test_model import random_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

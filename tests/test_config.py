@@ -81,7 +81,7 @@ def test_mesh_minus_one_takes_the_rest():
 
 
 def test_colliding_logical_axes_are_rejected():
-  from fmjax import sharding
+  from fmjax.nn import sharding
   rules = {"embed": "fsdp", "heads": "fsdp,tensor"}
   with pytest.raises(config_lib.ConfigError, match="'embed' and 'heads' both map to mesh axis 'fsdp'"):
     sharding.spec(("embed", "heads"), rules, "param wq")

@@ -1,4 +1,4 @@
-"""Hugging Face import and export (fmjax.convert, fmjax.hf) against transformers itself.
+"""Hugging Face import and export (fmjax.convert, fmjax.hf.formats) against transformers itself.
 
 Exported fmjax models give the same logits in transformers (LlamaForCausalLM,
 DeepseekV3ForCausalLM); random transformers models give the same logits in
@@ -19,8 +19,11 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import checkpoint, config as config_lib, convert, hf, loop, model, sharding, train
-from fmjax import params as params_lib
+from fmjax.train import checkpoint, loop, state as train
+from fmjax import config as config_lib, convert
+from fmjax.hf import formats as hf
+from fmjax.nn import model, sharding
+from fmjax.nn import params as params_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLA = dict(attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from fmjax.data import convert, pipeline, tokenizer as tokenizer_lib
+from fmjax.data import ingest as convert, pipeline, tokenizer as tokenizer_lib
 from conftest import data_cfg
 
 VOCAB = 512

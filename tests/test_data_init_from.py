@@ -9,7 +9,9 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the experiment files import fmjax.config)
 
 from conftest import tiny_config
-from fmjax import checkpoint, config as config_lib, loop, sharding, train
+from fmjax.train import checkpoint, loop, state as train
+from fmjax import config as config_lib
+from fmjax.nn import sharding
 from fmjax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import objectives
+from fmjax.train import objectives
 from fmjax.data import task_batches, tasks
 from conftest import take
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import decoding, model, sharding
-from fmjax import params as params_lib
+from fmjax.nn import decoding, model, sharding
+from fmjax.nn import params as params_lib
 
 MLA = dict(attention="mla", q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=12)

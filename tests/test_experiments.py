@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fmjax import config as config_lib
-from fmjax import sizing
+from fmjax.scaling import sizing
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "experiments", "*.py")))
 

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_config, tree_hash
-from fmjax import checkpoint, guard, loop, metrics, workdir as workdir_lib
+from fmjax.train import checkpoint, guard, loop, metrics, workdir as workdir_lib
 from fmjax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,7 +228,7 @@ KILLED_SAVER = """
 import os, sys, time
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp
-from fmjax import checkpoint
+from fmjax.train import checkpoint
 with checkpoint.Checkpointer(sys.argv[1], keep=3) as ckpt:
   ckpt.save(1, {"w": jnp.ones((1024, 1024)), "v": jnp.ones((8,))})
   ckpt.wait()
@@ -270,7 +270,7 @@ def test_sigkill_during_an_async_save_leaves_the_last_complete_checkpoint(tmp_pa
 
 HOLDER = """
 import sys, time
-from fmjax import workdir
+from fmjax.train import workdir
 with workdir.lock(sys.argv[1]):
   print("locked", flush=True)
   time.sleep(600)
@@ -319,7 +319,8 @@ def test_nonfinite_steps_are_skipped_then_restored_past(data_dir, tmp_path, monk
                      "last_bad_batch": 6}]
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5) as ckpt:
     assert ckpt.all_steps() == [0, 2, 4, 6, 8]
-    from fmjax import sharding, train
+    from fmjax.nn import sharding
+    from fmjax.train import state as train
     s = train.setup(c, sharding.make_mesh(c.mesh))
     for step in ckpt.all_steps():
       state = jax.device_get(ckpt.restore(step, s.abstract_state))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fmjax import host_malloc
+from fmjax.runtime import host_malloc
 
 
 def test_tunable_is_added_once_and_kept_beside_others():

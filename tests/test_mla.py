@@ -9,8 +9,9 @@ import pytest
 
 from conftest import tiny_config
 from fmjax import config as config_lib
-from fmjax import cost, layers, mla, model, objectives, rope, sharding
-from fmjax import params as params_lib
+from fmjax.nn import cost, layers, mla, model, rope, sharding
+from fmjax.train import objectives
+from fmjax.nn import params as params_lib
 from test_model import assert_flops_formula_matches_xla, init_params, random_batch
 
 MLA = dict(attention="mla", q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import cost, layers, model, objectives, rope, train
-from fmjax import params as params_lib
-from fmjax import sharding
+from fmjax.nn import cost, layers, model, rope
+from fmjax.train import objectives, state as train
+from fmjax.nn import params as params_lib
+from fmjax.nn import sharding
 
 
 def random_batch(cfg, seed=0, docs_per_row=1):

@@ -10,9 +10,12 @@ import pytest
 
 from conftest import tiny_config
 from test_model import assert_flops_formula_matches_xla, init_params, random_batch
-from fmjax import block, config as config_lib, cost, dispatch, layers, loop, metrics, model, moe
-from fmjax import objectives, sharding, train
-from fmjax import params as params_lib
+from fmjax.nn import block, cost, dispatch, layers, model, moe
+from fmjax import config as config_lib
+from fmjax.train import loop, metrics
+from fmjax.train import objectives, state as train
+from fmjax.nn import sharding
+from fmjax.nn import params as params_lib
 
 E, K = 8, 2
 

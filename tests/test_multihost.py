@@ -110,7 +110,8 @@ class Runs:
 
   def params(self, name, step=STEPS):
     import jax
-    from fmjax import checkpoint, sharding, train
+    from fmjax.train import checkpoint, state as train
+    from fmjax.nn import sharding
     cfg = get_config()
     s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
     with checkpoint.Checkpointer(os.path.join(self.workdir(name), "checkpoints"), keep=99) as c:
@@ -242,7 +243,7 @@ def _state(pid):
 
 
 def test_durations():
-  from fmjax.preemption import parse_duration
+  from fmjax.train.preemption import parse_duration
   assert [parse_duration(t) for t in ("", "90", "90s", "2m", "1h30m", "1.5h", "1d")] == \
       [0, 90, 90, 120, 5400, 5400, 86400]
   for bad in ("1h30", "ten", "-5", "5 m"):
@@ -263,7 +264,8 @@ def test_config_checks_max_runtime_and_data_shards():
 
 
 def test_incomplete_multi_process_settings_are_a_config_error(monkeypatch):
-  from fmjax import config, distributed
+  from fmjax import config
+  from fmjax.runtime import distributed
   with pytest.raises(config.ConfigError, match="needs all of --coordinator_address"):
     distributed.initialize("cpu", {"FMJAX_COORDINATOR_ADDRESS": "localhost:1234"})
   with pytest.raises(config.ConfigError, match=r"--process_id=2 must be in \[0, "):
@@ -272,7 +274,8 @@ def test_incomplete_multi_process_settings_are_a_config_error(monkeypatch):
 
 
 def test_one_process_holds_every_row():
-  from fmjax import distributed, sharding
+  from fmjax.runtime import distributed
+  from fmjax.nn import sharding
   cfg = get_config()
   mesh = sharding.make_mesh(cfg.mesh)
   assert distributed.host_rows(sharding.batch_sharding(mesh, cfg.sharding.activations), 8) == \
@@ -298,7 +301,8 @@ def test_data_shards_give_the_same_batches_to_one_process_or_several(data_dir, t
 
 
 def test_checkpoint_paths_keep_urls_as_they_are():
-  from fmjax import checkpoint, config
+  from fmjax.train import checkpoint
+  from fmjax import config
   assert checkpoint.absolute("gs://bucket/run/checkpoints") == "gs://bucket/run/checkpoints"
   assert checkpoint.absolute("runs/x") == os.path.join(os.getcwd(), "runs/x")
   assert checkpoint.run_directory("runs/x") == "runs/x/checkpoints"
@@ -309,7 +313,8 @@ def test_checkpoint_paths_keep_urls_as_they_are():
 
 
 def test_saved_configs_without_a_new_field_still_resume():
-  from fmjax import config, workdir
+  from fmjax import config
+  from fmjax.train import workdir
   old = config.base().to_dict()
   del old["data"]["shards"]
   assert workdir.config_changes(old, config.base().to_dict()) == []

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import model, optim
+from fmjax.nn import model
+from fmjax.train import optim
 
 
 def opt_cfg(**kw):

@@ -10,8 +10,10 @@ import pytest
 from conftest import tiny_config
 from test_model import init_params
 from fmjax import config as config_lib
-from fmjax import contrastive, dpo, lora, model, objectives, posttrain, sharding, train
-from fmjax import params as params_lib
+from fmjax.posttrain import contrastive, dpo, lora, plan as posttrain
+from fmjax.nn import model, sharding
+from fmjax.train import objectives, state as train
+from fmjax.nn import params as params_lib
 
 MESH_222 = dict(data=2, fsdp=2, tensor=2)
 

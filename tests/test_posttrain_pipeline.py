@@ -10,7 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from fmjax import checkpoint, export, lora, loop, posttrain, sharding, train
+from fmjax.train import checkpoint, loop, state as train
+from fmjax import export
+from fmjax.posttrain import lora, plan as posttrain
+from fmjax.nn import sharding
 from fmjax.data import tasks, tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

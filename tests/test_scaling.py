@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from fmjax import scaling
+from fmjax.scaling import cli as scaling_cli, fit as scaling
 
 # Chinchilla's published fit (Hoffmann et al. 2022, Approach 3).
 TRUE = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -102,7 +102,7 @@ def test_cli_fits_a_table_and_writes_plots(tmp_path, capsys):
       f.write(json.dumps({"params": n, "tokens": d, "final_eval_loss": l, "flops": c,
                           "data_entropy_nats": TRUE["E"]}) + "\n")
   out = tmp_path / "fit"
-  assert scaling.main(["fit", str(path), "--out", str(out), "--bootstrap", "5",
+  assert scaling_cli.main(["fit", str(path), "--out", str(out), "--bootstrap", "5",
                        "--predict", "1e22"]) == 0
   result = json.loads((out / "fit.json").read_text())
   assert result["points"] == len(L)
@@ -137,7 +137,7 @@ def test_known_entropy_needs_every_row_to_agree():
 def test_cli_names_a_missing_column(tmp_path, capsys):
   path = tmp_path / "records.csv"
   path.write_text("N,D,loss\n1e7,1e9,3.0\n")
-  assert scaling.main(["fit", str(path), "--out", str(tmp_path / "o")]) == 2
+  assert scaling_cli.main(["fit", str(path), "--out", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err.strip()
   assert "'params'" in err and len(err.splitlines()) == 1
   assert not (tmp_path / "o").exists()

@@ -8,8 +8,9 @@ import textwrap
 import pytest
 
 from fmjax import config as config_lib
-from fmjax import cost, sizing, sweep
-from fmjax import train as train_lib
+from fmjax.nn import cost
+from fmjax.scaling import sizing, sweep
+from fmjax.train import state as train_lib
 
 from conftest import tiny_config
 
@@ -92,7 +93,7 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
   experiment = tmp_path / "tiny_sweep.py"
   experiment.write_text(textwrap.dedent(f"""
       from fmjax import config
-      from fmjax import sweep as sweep_lib
+      from fmjax.scaling import sweep as sweep_lib
 
       def get_config(arg=None):
         c = config.base()

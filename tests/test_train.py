@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import checkpoint, loop, metrics, sharding, train
+from fmjax.train import checkpoint, loop, metrics, state as train
+from fmjax.nn import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

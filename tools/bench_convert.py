@@ -32,8 +32,11 @@ def make_workdir(config_file: str, workdir: str, seed: int = 0) -> int:
   import jax
   import numpy as np
 
-  from fmjax import checkpoint, config as config_lib, model, sizing
-  from fmjax.params import Param, ones
+  from fmjax.train import checkpoint
+  from fmjax import config as config_lib
+  from fmjax.nn import model
+  from fmjax.scaling import sizing
+  from fmjax.nn.params import Param, ones
 
   spec = importlib.util.spec_from_file_location("experiment", config_file)
   module = importlib.util.module_from_spec(spec)

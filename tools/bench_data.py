@@ -36,7 +36,8 @@ def train_tokens_per_s(cfg, steps: int) -> float:
   """Median training tokens/s of the default experiment (compilation excluded)."""
   import jax
   import numpy as np
-  from fmjax import sharding, train
+  from fmjax.nn import sharding
+  from fmjax.train import state as train
   mesh = sharding.make_mesh(cfg.mesh)
   s = train.setup(cfg, mesh)
   state = train.init_state(s, 0)

@@ -2,7 +2,7 @@
 
 For each attention kind: random parameters, a batch of prompts prefilled into
 the cache, then greedy decoding one jitted step per token (each token fetched
-to the host, as fmjax.decoding.generate does). Compilation is excluded. MLA is
+to the host, as fmjax.nn.decoding.generate does). Compilation is excluded. MLA is
 timed in the absorbed form (what decoding uses) and in the expanded form.
 
   python tools/bench_decode.py                       # the figures in tools/BENCHMARKS.md
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import config as config_lib
-from fmjax import cost, decoding, model
-from fmjax import params as params_lib
+from fmjax.nn import cost, decoding, model
+from fmjax.nn import params as params_lib
 
 # One trunk (8 layers, d_model 512, 8 heads, d_ff 1536); attention variants of
 # about equal size. MHA is there as the uncompressed reference (it is larger).

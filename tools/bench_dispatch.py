@@ -3,7 +3,7 @@
   python tools/bench_dispatch.py [--config=experiments/moe_vs_dense.py] [--repeats=5] \
       [--skew=0.0]
 
-Forward and backward of `fmjax.dispatch.routed_experts` (the routed experts of
+Forward and backward of `fmjax.nn.dispatch.routed_experts` (the routed experts of
 one MoE layer, router excluded) for one global batch of the experiment's
 shape, on its mesh and on the same devices as pure data parallelism. Tokens
 pick their experts at random; `--skew` > 0 sends that extra share of the
@@ -30,7 +30,7 @@ def main() -> int:
   a = p.parse_args()
 
   from bench_variants import load_config
-  from fmjax import xla_flags
+  from fmjax.runtime import xla_flags
   cfg = load_config(a.config)
   xla_flags.apply()
 
@@ -40,7 +40,7 @@ def main() -> int:
   import jax.numpy as jnp
   import numpy as np
 
-  from fmjax import dispatch, sharding
+  from fmjax.nn import dispatch, sharding
 
   m = cfg.model
   E, K, D, F = m.moe.n_routed_experts, m.moe.experts_per_token, m.d_model, m.moe.moe_intermediate_size

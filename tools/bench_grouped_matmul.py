@@ -32,7 +32,7 @@ def main() -> int:
   import jax.numpy as jnp
   import numpy as np
 
-  from fmjax import dispatch
+  from fmjax.nn import dispatch
 
   rng = np.random.default_rng(0)
   R, D, F, G = a.rows, a.width, a.expert_width, a.experts

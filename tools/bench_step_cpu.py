@@ -4,7 +4,7 @@ Wall-clock step times on a busy 2-core machine say little; the CPU seconds a
 step costs (user + system, all threads) and its page faults barely depend on
 the load. Two settings compared this way, or run side by side as two
 processes so that the load falls on both alike, give a fair A/B. fmjax's
-settings (fmjax/xla_flags.py, fmjax/host_malloc.py) against XLA's and glibc's
+settings (fmjax/runtime/xla_flags.py, fmjax/runtime/host_malloc.py) against XLA's and glibc's
 defaults:
 
   python tools/bench_step_cpu.py --config=experiments/bench_dense_20m.py --batch=8
@@ -41,13 +41,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3)
   args = parser.parse_args()
 
-  from fmjax import xla_flags
+  from fmjax.runtime import xla_flags
   xla_flags.apply()
   import jax
   import jax.numpy as jnp
 
   jax.config.update("jax_num_cpu_devices", 1)
-  from fmjax import bench, cost
+  from fmjax import bench
+  from fmjax.nn import cost
 
   spec = importlib.util.spec_from_file_location("experiment", args.config)
   module = importlib.util.module_from_spec(spec)
@@ -93,6 +94,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from fmjax import host_malloc
+  from fmjax.runtime import host_malloc
   host_malloc.reexec()
   main()

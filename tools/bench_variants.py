@@ -73,7 +73,8 @@ def main() -> int:
   for v in a.variants:
     name, _, overrides = v.partition(":")
     variants.append((name, apply(base, overrides)))
-  from fmjax import config as config_lib, xla_flags
+  from fmjax import config as config_lib
+  from fmjax.runtime import xla_flags
 
   xla_flags.apply()
   import jax

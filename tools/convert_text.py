@@ -7,7 +7,7 @@
 
 Then, in an experiment: c.data.mixture = "kjv:0.5, name=arrayrecord(DIR/NAME-{split}.array_record-*):0.5".
 Every 20th document goes to the validation split (--validation_every). See
-fmjax/data/convert.py for how bad input is handled.
+fmjax/data/ingest.py for how bad input is handled.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fmjax.data import convert  # noqa: E402
+from fmjax.data import ingest as convert  # noqa: E402
 
 
 def main(argv=None):

@@ -15,7 +15,9 @@ import os
 
 import jax
 
-from fmjax import checkpoint, config as config_lib, sharding, train
+from fmjax.train import checkpoint, state as train
+from fmjax import config as config_lib
+from fmjax.nn import sharding
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 
 

@@ -370,21 +370,22 @@ def tree_digest(path) -> str:
 
 
 def _setup():
-  from fmjax import sharding, train
+  from fmjax.nn import sharding
+  from fmjax.train import state as train
   cfg = get_config()
   return train.setup(cfg, sharding.make_mesh(cfg.mesh))
 
 
 def _load(workdir, step):
   import jax
-  from fmjax import checkpoint
+  from fmjax.train import checkpoint
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=99) as ckpt:
     return jax.device_get(ckpt.restore(step, _setup().abstract_state))
 
 
 def final_params(workdir):
   import jax
-  from fmjax import checkpoint
+  from fmjax.train import checkpoint
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=99) as ckpt:
     step = ckpt.latest_step()
   if step != STEPS:
@@ -402,7 +403,7 @@ def final_params_finite(workdir) -> bool:
 def all_checkpoints_finite(workdir) -> bool:
   import numpy as np
   import jax
-  from fmjax import checkpoint
+  from fmjax.train import checkpoint
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=99) as ckpt:
     steps = ckpt.all_steps()
   return all(np.isfinite(x).all() for s in steps for x in jax.tree.leaves(_load(workdir, s))

@@ -19,7 +19,7 @@ COMMAND is one of
   status   describe the VM or the queued request
 
 --dry_run prints the commands instead of running them. jax finds the slice's
-workers on its own (fmjax.distributed), so every worker runs the same command.
+workers on its own (fmjax.runtime.distributed), so every worker runs the same command.
 `run` passes --module's arguments after `--`: e.g.
   python tools/tpu.py ... run -- --config=experiments/pretrain_tiny.py --workdir=runs/x
 and for a sweep, --module=fmjax.sweep with the sweep's arguments.

@@ -6,7 +6,7 @@ Chat template: an example is rendered as
 
 where everything left of `|` is the prompt and the rest is the response.
 
-loss_mask follows fmjax.objectives.next_token_targets: loss_mask[t] gates the
+loss_mask follows fmjax.train.objectives.next_token_targets: loss_mask[t] gates the
 loss of predicting token t+1 from position t, so it is 1 exactly at the
 positions whose next token is a response token (the eos included).
 

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: the formats' tables, config mapping, tensor layouts and files."""
