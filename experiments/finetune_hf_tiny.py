@@ -24,7 +24,7 @@ Smoke test: add --config.train.steps=5.
 import os
 
 from fmjax import config
-from fmjax.hf import formats as hf
+from fmjax.hf import files as hf
 
 DEFAULT = "runs/pretrain_tiny_hf"
 

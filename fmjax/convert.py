@@ -1,4 +1,4 @@
-"""Converts checkpoints between fmjax and Hugging Face (the formats are fmjax/hf/formats.py).
+"""Converts checkpoints between fmjax and Hugging Face (the formats are in fmjax/hf/).
 
   python -m fmjax.convert to-hf --workdir=DIR [--step=N] --out=HF_DIR \
       [--dtype=float32|bfloat16] [--max_shard_gb=2] [--tokenizer=auto|none|FILE]
@@ -34,43 +34,44 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-from fmjax.train import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
-from fmjax.hf import formats as hf
+from fmjax.data import tokenizer as tokenizer_lib
+from fmjax.hf import config_map, files as hf, tables
+from fmjax.hf.safetensors_files import FormatError
+from fmjax.nn import model as model_lib
+from fmjax.nn.params import leaves_with_names
+from fmjax.train import checkpoint as checkpoint_lib
 
 
 def load_workdir_config(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise hf.FormatError(f"no config.json in --workdir={workdir}; give a training run's workdir")
+    raise FormatError(f"no config.json in --workdir={workdir}; give a training run's workdir")
   cfg = config_lib.base()  # fields newer than the run keep their defaults
   try:
     with open(path) as f:
       cfg.update(json.load(f))
   except (OSError, ValueError) as e:
-    raise hf.FormatError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    raise FormatError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
   return cfg
 
 
 def workdir_arrays(workdir: str, step: int | None, m):
   """(checkpoint step, iterator of (parameter name, numpy value)) read one at a time."""
-  import orbax.checkpoint as ocp
-  from fmjax.nn import model as model_lib
-  from fmjax.nn.params import leaves_with_names
-
   directory, latest = checkpoint_lib.latest_checkpoint(workdir)
   step = latest if step is None else step
   ckpt = checkpoint_lib.Checkpointer(directory, keep=1 << 30)
   if step not in ckpt.all_steps():
-    raise hf.FormatError(f"no checkpoint {step} in {directory} (it has {ckpt.all_steps()})")
+    raise FormatError(f"no checkpoint {step} in {directory} (it has {ckpt.all_steps()})")
   problem = ckpt.verify(step)
   if problem:
-    raise hf.FormatError(f"checkpoint {step} in {directory} is damaged: {problem}")
+    raise FormatError(f"checkpoint {step} in {directory} is damaged: {problem}")
   decls = dict(leaves_with_names(model_lib.param_decls(m)))
 
   def read():
-    for t, shape in hf.tensor_table(m, model_lib.param_decls(m)):
+    for t, shape in tables.tensor_table(m, model_lib.param_decls(m)):
       target, args = {}, {}
       *parents, leaf = t.param.split(".")
       node_t, node_a = target, args
@@ -84,8 +85,8 @@ def workdir_arrays(workdir: str, step: int | None, m):
       for p in t.param.split("."):
         x = x[p]
       if x.shape != shape:
-        raise hf.FormatError(f"checkpoint {step} has shape {x.shape} for {t.param} but "
-                             f"config.json needs {shape}")
+        raise FormatError(f"checkpoint {step} has shape {x.shape} for {t.param} but "
+                          f"config.json needs {shape}")
       yield t.param, x
       del out, x  # before the next parameter is read
     ckpt.close()
@@ -101,12 +102,11 @@ def tokenizer_file(cfg, choice: str) -> str | None:
   elif cfg.data.tokenizer_path:
     path = cfg.data.tokenizer_path
   else:
-    from fmjax.data import tokenizer as tokenizer_lib
     path = tokenizer_lib.model_path(cfg.data.data_dir, cfg.model.vocab_size, cfg.data.tokenizer)
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
-    raise hf.FormatError(f"the run's tokenizer {path} does not exist; pass "
-                         "--tokenizer=FILE, or --tokenizer=none to export without one")
+    raise FormatError(f"the run's tokenizer {path} does not exist; pass "
+                      "--tokenizer=FILE, or --tokenizer=none to export without one")
   return path
 
 
@@ -114,7 +114,7 @@ def _fresh(out: str) -> str:
   """A temporary directory beside `out`, which must not exist or be empty."""
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise hf.FormatError(f"--out={out} exists and is not empty; choose a new directory")
+    raise FormatError(f"--out={out} exists and is not empty; choose a new directory")
   tmp = out + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -132,12 +132,12 @@ def to_hf(workdir: str, out: str, step: int | None = None, dtype: str = "float32
           max_shard_bytes: int = 2 << 30, tokenizer: str = "auto") -> int:
   """Exports checkpoint `step` (default: the latest) of `workdir`; returns the step."""
   cfg = load_workdir_config(workdir)
-  hf.check_model(cfg.model)
+  config_map.check_model(cfg.model)
   token_file = tokenizer_file(cfg, tokenizer)
   try:
     step, arrays = workdir_arrays(workdir, step, cfg.model)
   except FileNotFoundError as e:
-    raise hf.FormatError(str(e)) from None
+    raise FormatError(str(e)) from None
   tmp = _fresh(out)
   try:
     hf.save(tmp, cfg.model, cfg.data.seq_len, arrays, max_shard_bytes, dtype)
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     else:
       from_hf(args.hf, args.out)
       print(f"wrote {args.out} from {args.hf} in {time.perf_counter() - started:.1f} s")
-  except (hf.FormatError, checkpoint_lib.NonFiniteCheckpoint) as e:
+  except (FormatError, checkpoint_lib.NonFiniteCheckpoint) as e:
     print(f"fmjax: {e}", file=sys.stderr)
     return 1
   return 0

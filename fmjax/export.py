@@ -10,23 +10,21 @@ run's checkpoint.init_from or objective.dpo.reference.
 
 from __future__ import annotations
 
+import argparse
 import os
 
-from fmjax.posttrain import lora, plan as posttrain
+import jax
+
+from fmjax.posttrain import lora, plan
+from fmjax.train import checkpoint, records, trained_run
 
 
 def merged_params(params, cfg) -> dict:
   """The model's parameters with the adapters merged in, without heads or adapters."""
-  return {k: v for k, v in lora.merge(params, cfg.lora).items() if k not in posttrain.ADDED}
+  return {k: v for k, v in lora.merge(params, cfg.lora).items() if k not in plan.ADDED}
 
 
 def main(argv=None):
-  import argparse
-
-  import jax
-
-  from fmjax.train import checkpoint, state as train, trained_run
-
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", required=True)
@@ -40,7 +38,7 @@ def main(argv=None):
   with checkpoint.Checkpointer(os.path.join(args.out, "checkpoints"), keep=1) as ckpt:
     ckpt.save(step, {"step": jax.numpy.asarray(step, jax.numpy.int32), "params": merged},
               force=True)
-  train.write_json(os.path.join(args.out, "config.json"), out_cfg.to_dict())
+  records.write_json(os.path.join(args.out, "config.json"), out_cfg.to_dict())
   print(f"wrote {args.out}/checkpoints/{step}: merged parameters of {args.workdir}")
 
 

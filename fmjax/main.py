@@ -22,6 +22,7 @@ import sys
 
 from absl import flags
 
+from fmjax.errors import ConfigError
 from fmjax.runtime import cli
 from fmjax.runtime.cli import UsageError
 from fmjax.train.workdir import RESUMABLE_CHANGES, config_changes  # noqa: F401  (part of the CLI's API)
@@ -54,29 +55,28 @@ def main(argv=None) -> int:
     print(f"fmjax: {e}", file=sys.stderr)
     return 2
 
-  from fmjax import config as config_lib
-
   try:
-    cfg, _ = cli.start_jax(cfg)  # jax starts here: fake CPU devices and XLA flags are set first
-  except config_lib.ConfigError as e:
+    cli.start_jax(cfg)  # jax starts here: fake CPU devices and XLA flags are set first
+  except ConfigError as e:
     print(f"fmjax: config error: {e}", file=sys.stderr)
     return 2
   return train(cfg, workdir, _ALLOW_CONFIG_CHANGE.value)
 
 
 def train(cfg, workdir: str, allow_config_change: bool = False) -> int:
-  """Validates and trains `cfg`; returns the exit status, printing a one-line error if not 0."""
+  """Resolves, validates and trains `cfg`; returns the exit status, printing a one-line
+  error if not 0."""
+  # Imported here, not at the top: the command restarts itself (host_malloc.reexec)
+  # before anything heavy is imported.
   import jax
 
-  from fmjax import config as config_lib
+  from fmjax import validate
   from fmjax.train import loop
-  from fmjax.scaling import sizing
 
   try:
-    cfg = sizing.resolve(cfg)
-    config_lib.validate(cfg, jax.device_count())
+    cfg = validate.resolve(cfg, jax.device_count())
     loop.run(cfg, workdir, allow_config_change=allow_config_change)
-  except config_lib.ConfigError as e:  # raised before anything in the workdir is written
+  except ConfigError as e:  # raised before anything in the workdir is written
     print(f"fmjax: config error: {e}", file=sys.stderr)
     return 2
   except loop.RUN_ERRORS as e:

@@ -10,24 +10,29 @@ writes to WORKDIR/task_eval.json, the accuracy overall and per task.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
+import jax
+
+from fmjax.data import task_batches, tasks, tokenizer as tokenizer_lib
 from fmjax.nn import decoding
+from fmjax.nn.spec import ModelSpec
 from fmjax.posttrain import lora
-from fmjax.data import task_batches, tasks
+from fmjax.train import trained_run
 
 
 def task_accuracy(params, cfg, tokenizer, examples: int = 300, batch: int = 100,
                   max_new_tokens: int = 40) -> dict:
   """Accuracy of greedy answers to the first `examples` validation prompts."""
-  params = lora.merge(params, cfg.lora)
+  params, spec = lora.merge(params, cfg.lora), ModelSpec.from_config(cfg)
   data = tasks.Instructions("validation", seed=cfg.data.seed)
   by_task = {t: [0, 0] for t in tasks.TASKS}
   for start in range(0, examples, batch):
     chunk = [data[i] for i in range(start, min(start + batch, examples))]
     prompts = [task_batches.render(tokenizer, e["prompt"], "")[0] for e in chunk]
-    outputs = decoding.generate(params, cfg, prompts, max_new_tokens, temperature=0.0,
+    outputs = decoding.generate(params, spec, prompts, max_new_tokens, temperature=0.0,
                                 stop_id=tokenizer.eos_id)
     for e, prompt, out in zip(chunk, prompts, outputs):
       answer = tokenizer.decode([t for t in out[len(prompt):] if t != tokenizer.eos_id])
@@ -39,13 +44,6 @@ def task_accuracy(params, cfg, tokenizer, examples: int = 300, batch: int = 100,
 
 
 def main(argv=None):
-  import argparse
-
-  import jax
-
-  from fmjax.train import trained_run
-  from fmjax.data import tokenizer as tokenizer_lib
-
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--examples", type=int, default=300)

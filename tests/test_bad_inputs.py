@@ -20,7 +20,7 @@ import sentencepiece as spm
 from conftest import tiny_config, tree_hash
 from fmjax.train import checkpoint, workdir as workdir_lib
 from fmjax import convert, main as main_lib
-from fmjax.hf import formats as hf
+from fmjax.hf import safetensors_files as hf
 from fmjax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,10 +236,10 @@ def test_checkpoint_with_non_finite_values_is_never_written(tmp_path, trained, b
   import jax
   import jax.numpy as jnp
   from fmjax.nn import sharding
-  from fmjax.train import state as train
+  from fmjax.train import state as state_lib
 
   cfg = config(built_data)
-  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
   with checkpoint.Checkpointer(os.path.join(trained, "checkpoints"), keep=2) as ckpt:
     state = ckpt.restore(2, s.abstract_state)
   state["params"]["final_norm"] = state["params"]["final_norm"].at[0].set(jnp.inf)

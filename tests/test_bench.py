@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax import bench
+from fmjax.train import benchmark as bench
 from fmjax.nn import cost, model, sharding
-from fmjax.train import objectives, state as train
+from fmjax.train import objectives, state as state_lib
+from fmjax.runtime import distributed
 from fmjax.runtime import xla_flags
 from fmjax.nn import params as params_lib
+from fmjax.nn.spec import ModelSpec
 from test_model import random_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +30,7 @@ def _loss_stats_grads(cfg, batch):
   params = params_lib.init(model.param_decls(cfg.model), jax.random.key(0))
   objective = objectives.OBJECTIVES["next_token"]
   (loss, stats), grads = jax.jit(jax.value_and_grad(
-      lambda p: objective(p, jax.tree.map(jnp.asarray, batch), cfg), has_aux=True))(params)
+      lambda p: objective(p, jax.tree.map(jnp.asarray, batch), ModelSpec.from_config(cfg), cfg.objective), has_aux=True))(params)
   return loss, stats, grads
 
 
@@ -55,7 +57,7 @@ def test_chunked_cross_entropy_never_makes_the_whole_logits():
   params = jax.eval_shape(lambda: params_lib.init(model.param_decls(cfg.model),
                                                   jax.random.key(0)))
   batch = jax.tree.map(jnp.asarray, random_batch(cfg))
-  grad = jax.grad(lambda p, b: objectives.next_token(p, b, cfg)[0])
+  grad = jax.grad(lambda p, b: objectives.next_token(p, b, ModelSpec.from_config(cfg), cfg.objective)[0])
   hlo = jax.jit(grad).lower(params, batch).as_text()
   B, T, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
   assert f"{B}x{cfg.objective.ce_chunk}x{V}xf32" in hlo
@@ -70,12 +72,12 @@ def test_chunked_cross_entropy_on_a_sharded_mesh():
   cfg.objective.ce_chunk = 8
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg, mesh)
+  s = state_lib.setup(cfg, mesh)
   params = params_lib.init(s.decls, jax.random.key(0))
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: objectives.next_token(p, b, cfg)[0]),
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: objectives.next_token(p, b, ModelSpec.from_config(cfg), cfg.objective)[0]),
                     in_shardings=(s.state_shardings["params"], s.batch_sharding))
   with jax.set_mesh(mesh):
-    loss1, g1 = jax.device_get(grad_fn(params, train.global_batch(batch, s.batch_sharding)))
+    loss1, g1 = jax.device_get(grad_fn(params, distributed.global_batch(batch, s.batch_sharding)))
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()), g1, g0)
 

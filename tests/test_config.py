@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import tiny_config
+from fmjax.validate import validate
 from fmjax import config as config_lib
 from fmjax import main as main_lib
 
@@ -56,7 +57,7 @@ def test_invalid_field_names_itself(path, value, message):
   cfg = tiny_config()
   _set(cfg, path, value)
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)
   assert message in str(e.value)
   assert "\n" not in str(e.value)
 
@@ -64,20 +65,20 @@ def test_invalid_field_names_itself(path, value, message):
 def test_wrong_type_from_a_saved_config():
   cfg = config_lib.from_json(config_lib.to_json(tiny_config()).replace('"d_model": 64', '"d_model": "64"'))
   with pytest.raises(config_lib.ConfigError, match="model.d_model='64' has type str, expected int"):
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)
 
 
 def test_mesh_product_must_match_devices():
   cfg = tiny_config()
   cfg.mesh.update(data=2, fsdp=2, tensor=1)
   with pytest.raises(config_lib.ConfigError, match="needs 4 devices but 8 are present"):
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)
 
 
 def test_mesh_minus_one_takes_the_rest():
   cfg = tiny_config()
   cfg.mesh.update(data=-1, fsdp=2, tensor=2)
-  assert config_lib.validate(cfg, n_devices=8) == dict(data=2, fsdp=2, expert=1, tensor=2)
+  assert validate(cfg, n_devices=8) == dict(data=2, fsdp=2, expert=1, tensor=2)
 
 
 def test_colliding_logical_axes_are_rejected():

@@ -1,4 +1,4 @@
-"""Hugging Face import and export (fmjax.convert, fmjax.hf.formats) against transformers itself.
+"""Hugging Face import and export (fmjax.convert, fmjax.hf) against transformers itself.
 
 Exported fmjax models give the same logits in transformers (LlamaForCausalLM,
 DeepseekV3ForCausalLM); random transformers models give the same logits in
@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax.train import checkpoint, loop, state as train
+from fmjax.train import checkpoint, loop, state as state_lib
 from fmjax import config as config_lib, convert
-from fmjax.hf import formats as hf
+from fmjax.hf import config_map, files as hf, safetensors_files as st, tables
+from fmjax.hf.safetensors_files import FormatError
 from fmjax.nn import model, sharding
 from fmjax.nn import params as params_lib
+from fmjax.nn.spec import ModelSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLA = dict(attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -72,7 +74,8 @@ def fmjax_logits(params, cfg, toks):
   cfg = cfg.copy_and_resolve_references()
   cfg.model.moe.dispatch = "dropless"  # as HF DeepSeek-V3, which drops no tokens
   positions = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
-  forward = jax.jit(lambda p, t: model.forward(p, t, np.ones_like(toks), positions, cfg))
+  forward = jax.jit(lambda p, t: model.forward(p, t, np.ones_like(toks), positions,
+                                                      ModelSpec.from_config(cfg)))
   return np.asarray(forward(params, toks))
 
 
@@ -92,7 +95,7 @@ def rel_err(a, b):
 def read_params(directory, cfg):
   """The parameters an fmjax directory holds, as numpy (one device)."""
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
-  s = train.setup(cfg, mesh)
+  s = state_lib.setup(cfg, mesh)
   return jax.device_get(checkpoint.restore_params(directory, s.abstract_state["params"]))
 
 
@@ -113,14 +116,14 @@ def test_export_matches_transformers_and_round_trips(case, tmp_path):
   # tiny shards: the index and several files are exercised
   assert convert.to_hf(workdir, out, max_shard_bytes=100_000, tokenizer="none") == 5
   with open(os.path.join(out, "config.json")) as f:
-    assert json.load(f)["architectures"] == [hf.format_for(cfg.model).architecture]
-  assert os.path.isfile(os.path.join(out, hf.INDEX))
+    assert json.load(f)["architectures"] == [tables.format_for(cfg.model).architecture]
+  assert os.path.isfile(os.path.join(out, st.INDEX))
   toks = tokens(cfg.model.vocab_size)
   assert rel_err(hf_logits(out, toks), fmjax_logits(params, cfg, toks)) < 1e-4
 
   convert.from_hf(out, str(tmp_path / "back"))
   back_cfg = convert.load_workdir_config(str(tmp_path / "back"))
-  unused = hf.format_for(cfg.model).unused  # fields the attention kind does not read
+  unused = tables.format_for(cfg.model).unused  # fields the attention kind does not read
   assert ({k: v for k, v in back_cfg.model.items() if k not in unused} ==
           {k: v for k, v in cfg.model.items() if k not in unused})
   jax.tree.map(np.testing.assert_array_equal, read_params(str(tmp_path / "back"), cfg), params)
@@ -177,7 +180,7 @@ def random_hf_model(kind, tmp_path, dtype="float32"):
 def test_import_matches_transformers(kind, dtype, tmp_path):
   pytest.importorskip("transformers")
   directory, toks, want = random_hf_model(kind, tmp_path, dtype)
-  assert os.path.isfile(os.path.join(directory, hf.INDEX))
+  assert os.path.isfile(os.path.join(directory, st.INDEX))
   _, fields = hf.read_config(directory)
   cfg = tiny_config(**fields)
   params = read_params(_imported(directory, tmp_path), cfg)
@@ -214,12 +217,12 @@ def test_init_from_an_hf_directory(tmp_path, data_dir):
 
   other = tiny_config(vocab_size=512, n_layers=3)
   other.checkpoint.init_from = hf_dir
-  with pytest.raises(hf.FormatError, match="model.n_layers=3 but the checkpoint in .* has 2"):
+  with pytest.raises(FormatError, match="model.n_layers=3 but the checkpoint in .* has 2"):
     checkpoint.check_init_from(hf_dir, other.model)
 
   cfg.checkpoint.init_from = hf_dir
   loop.run(cfg, str(tmp_path / "run"))
-  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
   with checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"), keep=1) as ckpt:
     after = jax.device_get(ckpt.restore(1, s.abstract_state))
   assert int(after["step"]) == 1
@@ -249,8 +252,8 @@ def test_init_from_an_hf_directory(tmp_path, data_dir):
 def test_what_a_format_cannot_hold_is_refused(tmp_path, model_fields, needle):
   cfg = tiny_config()
   cfg.model.update(model_fields)  # n_experts stands for any field added without a table row
-  with pytest.raises(hf.FormatError, match="^" + re.escape(needle)) as e:
-    hf.check_model(cfg.model)
+  with pytest.raises(FormatError, match="^" + re.escape(needle)) as e:
+    config_map.check_model(cfg.model)
   assert "\n" not in str(e.value)
 
 
@@ -271,7 +274,7 @@ def test_the_command_line(tmp_path, capsys, monkeypatch):
   # errors: one line, exit status 1, nothing written
   capsys.readouterr()
   assert convert.main(["from-hf", "--hf=run", "--out=x"]) == 1
-  assert capsys.readouterr().err == f"fmjax: no {hf.WEIGHTS} or {hf.INDEX} in run\n"
+  assert capsys.readouterr().err == f"fmjax: no {st.WEIGHTS} or {st.INDEX} in run\n"
   assert convert.main(["to-hf", "--workdir=run", "--out=hf", "--tokenizer=none"]) == 1
   assert capsys.readouterr().err.startswith(f"fmjax: --out={tmp_path / 'hf'} exists and is not empty")
   assert convert.main(["to-hf", "--workdir=run", "--out=y", "--step=4", "--tokenizer=none"]) == 1
@@ -287,7 +290,7 @@ def test_a_router_bias_fmjax_does_not_select_with_exports_as_zeros(tmp_path):
   assert np.abs(params["moe_layers"]["router_bias"]).min() > 0
   out = str(tmp_path / "hf")
   convert.to_hf(make_workdir(str(tmp_path / "run"), cfg, params), out, tokenizer="none")
-  reader = hf.Reader(out)
+  reader = st.Reader(out)
   assert not reader.get("model.layers.0.mlp.gate.e_score_correction_bias").any()
   toks = tokens(cfg.model.vocab_size)
   assert rel_err(hf_logits(out, toks), fmjax_logits(params, cfg, toks)) < 1e-4
@@ -303,8 +306,8 @@ def test_a_router_bias_fmjax_does_not_select_with_exports_as_zeros(tmp_path):
     (dict(n_group=None), "n_group is missing"),
 ])
 def test_an_hf_mixture_of_experts_fmjax_cannot_hold_is_refused(change, needle):
-  hf_cfg = hf.to_hf_config(tiny_config(**MLA, n_layers=3, moe=MOE).model, seq_len=32)
-  assert hf.model_fields(hf_cfg)["moe"] == dict(tiny_config(moe=MOE).model.moe)
-  with pytest.raises(hf.FormatError, match=re.escape(needle)) as e:
-    hf.model_fields(dict(hf_cfg, **change))
+  hf_cfg = config_map.to_hf_config(tiny_config(**MLA, n_layers=3, moe=MOE).model, seq_len=32)
+  assert config_map.model_fields(hf_cfg)["moe"] == dict(tiny_config(moe=MOE).model.moe)
+  with pytest.raises(FormatError, match=re.escape(needle)) as e:
+    config_map.model_fields(dict(hf_cfg, **change))
   assert "\n" not in str(e.value)

@@ -9,10 +9,11 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (the experiment files import fmjax.config)
 
 from conftest import tiny_config
-from fmjax.train import checkpoint, loop, state as train
+from fmjax.train import checkpoint, loop, state as state_lib
 from fmjax import config as config_lib
 from fmjax.nn import sharding
 from fmjax.data import synthetic
+from fmjax.validate import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,8 +23,8 @@ def stage1(tmp_path_factory):
   """A workdir holding one checkpoint of a random state (step 7) made on a data=8 mesh."""
   cfg, seed = tiny_config(vocab_size=512), 1
   workdir = str(tmp_path_factory.mktemp("stage1"))
-  s = train.setup(cfg, sharding.make_mesh(dict(cfg.mesh, data=8, fsdp=1, tensor=1)))
-  state = train.init_state(s, seed)
+  s = state_lib.setup(cfg, sharding.make_mesh(dict(cfg.mesh, data=8, fsdp=1, tensor=1)))
+  state = state_lib.init_state(s, seed)
   state["step"] = state["step"] + 7
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
   ckpt.save(7, state)
@@ -39,9 +40,9 @@ def test_restore_params_onto_another_mesh_with_a_fresh_optimizer(stage1, tmp_pat
   assert checkpoint.latest_checkpoint(os.path.join(workdir, "checkpoints"))[1] == 7
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   cfg.sharding.params.embed = "fsdp"
-  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
   restored = checkpoint.restore_params(workdir, s.abstract_state["params"])
-  state = train.init_state(s, seed=0, params=restored)
+  state = state_lib.init_state(s, seed=0, params=restored)
   assert int(state["step"]) == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), params)
   jax.tree.map(lambda x, sh: x.sharding.is_equivalent_to(sh, x.ndim) or pytest.fail(str(sh)),
@@ -70,7 +71,7 @@ def test_a_run_starts_from_init_from_and_records_the_data_entropy(stage1, tmp_pa
   assert summary["data_entropy_nats"] == synthetic.Chain().entropy_rate()
   with open(tmp_path / "stage2" / "summary.json") as f:
     assert json.load(f)["data_entropy_nats"] == summary["data_entropy_nats"]
-  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "stage2" / "checkpoints"), keep=1)
   after = jax.device_get(ckpt.restore(1, s.abstract_state))
   ckpt.close()
@@ -88,7 +89,7 @@ def test_the_stage_two_experiment_is_valid():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config()
-  config_lib.validate(cfg, n_devices=8)
+  validate(cfg, n_devices=8)
   assert cfg.checkpoint.init_from == "runs/pretrain_tiny"
   base = config_lib.base()
   stage1 = importlib.util.spec_from_file_location(

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_batches_equal, data_cfg, take, tiny_config
+from fmjax.validate import validate
 from fmjax import config as config_lib
 from fmjax.data import mixture, pipeline, sources, synthetic, tokenizer as tokenizer_lib
 
@@ -122,7 +123,7 @@ def test_bad_data_fields_are_config_errors(field, value, message):
   cfg = tiny_config()
   cfg.data[field] = value
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)
   assert message in str(e.value) and f"data.{field}=" in str(e.value)
   assert "\n" not in str(e.value)
 

@@ -2,13 +2,13 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import tiny_config
 from fmjax.nn import decoding, model, sharding
 from fmjax.nn import params as params_lib
+from fmjax.nn.spec import ModelSpec
 
 MLA = dict(attention="mla", q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=12)
@@ -34,27 +34,28 @@ def full_logits(params, cfg, rows):
   for b, r in enumerate(rows):
     tokens[b, :len(r)], segments[b, :len(r)] = r, 1
   positions = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
-  return np.asarray(jax.jit(lambda p: model.forward(p, tokens, segments, positions, cfg))(params))
+  return np.asarray(jax.jit(lambda p: model.forward(p, tokens, segments, positions,
+                                                               ModelSpec.from_config(cfg)))(params))
 
 
-# Jitted once per config (frozen: hashable), shared by the tests.
-prefill = jax.jit(decoding.prefill, static_argnames="cfg")
-step = jax.jit(decoding.step, static_argnames=("cfg", "absorbed"))
+# Jitted once per spec (hashable), shared by the tests.
+prefill = jax.jit(decoding.prefill, static_argnames="spec")
+step = jax.jit(decoding.step, static_argnames=("spec", "absorbed"))
 
 
 def teacher_forced(params, cfg, rows, lengths, steps, absorbed=True):
   """Logits (B, steps + 1, V): after each prompt, then after each of the next
   `steps` tokens of the row fed one at a time through the cache."""
-  cfg = ml_collections.FrozenConfigDict(cfg)
+  spec = ModelSpec.from_config(cfg)
   lengths = np.asarray(lengths, np.int32)
   B, P = len(lengths), int(lengths.max())
   prompts = np.where(np.arange(P) < lengths[:, None], rows[:, :P], 0)  # right padding
-  cache = decoding.init_cache(cfg, B, P + steps)
-  logits, cache = prefill(params, cache, prompts, lengths, cfg=cfg)
+  cache = decoding.init_cache(spec, B, P + steps)
+  logits, cache = prefill(params, cache, prompts, lengths, spec=spec)
   out = [np.asarray(logits)]
   for i in range(steps):
     positions = lengths + i
-    logits, cache = step(params, cache, rows[np.arange(B), positions], positions, cfg=cfg,
+    logits, cache = step(params, cache, rows[np.arange(B), positions], positions, spec=spec,
                          absorbed=absorbed)
     out.append(np.asarray(logits))
   return np.stack(out, axis=1), cache
@@ -92,7 +93,7 @@ def test_cache_bytes_per_token_per_layer(kind, dtype):
   cfg = tiny_config(dtype=dtype, **KINDS[kind])
   m = cfg.model
   B, S = 3, 10
-  cache = jax.eval_shape(lambda: decoding.init_cache(cfg, B, S))
+  cache = jax.eval_shape(lambda: decoding.init_cache(ModelSpec.from_config(cfg), B, S))
   per_token_layer = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / (
       m.n_layers * B * S)
   size = np.dtype(jnp.dtype(dtype)).itemsize
@@ -132,7 +133,7 @@ def test_generate_is_greedy_decoding_and_compiles_one_step(kind):
   params = init_params(cfg)
   prompts = [[3, 17, 9, 4], [8], [5, 6, 7]]
   before = decoding._step_and_sample._cache_size()
-  out = decoding.generate(params, cfg, prompts, max_new_tokens=7)
+  out = decoding.generate(params, ModelSpec.from_config(cfg), prompts, max_new_tokens=7)
   assert decoding._step_and_sample._cache_size() == before + 1  # one step, not one per token
   # Each new token is the argmax of a full forward over what came before.
   logits = full_logits(params, cfg, [ids[:-1] for ids in out])
@@ -142,7 +143,7 @@ def test_generate_is_greedy_decoding_and_compiles_one_step(kind):
                                   row_logits[len(prompt) - 1:len(ids) - 1].argmax(-1))
   # A stop id ends a row; rows that stopped early are cut there.
   stop = out[1][2]
-  stopped = decoding.generate(params, cfg, prompts, max_new_tokens=7, stop_id=stop)
+  stopped = decoding.generate(params, ModelSpec.from_config(cfg), prompts, max_new_tokens=7, stop_id=stop)
   assert stopped[1] == out[1][:3]
 
 
@@ -150,16 +151,17 @@ def test_sharded_cache_decodes_like_one_device():
   cfg = tiny_config(**MLA)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(cfg.mesh)
-  cache = decoding.init_cache(cfg, 4, 16, mesh)
+  spec = ModelSpec.from_config(cfg)
+  cache = decoding.init_cache(spec, 4, 16, mesh)
   assert cache["latent"].sharding.spec == jax.sharding.PartitionSpec(
       None, ("data", "fsdp"), None, None)
   params = init_params(cfg)
   prompts = [[3, 17, 9, 4], [8], [5, 6, 7], [1, 2]]
-  one = decoding.generate(params, cfg, prompts, max_new_tokens=5, temperature=0.8, seed=3)
+  one = decoding.generate(params, spec, prompts, max_new_tokens=5, temperature=0.8, seed=3)
   shard = jax.jit(lambda p: p, out_shardings=params_lib.shardings(
       model.param_decls(cfg.model), mesh, cfg.sharding.params))
   with jax.set_mesh(mesh):
     sharded_params = shard(params)
-  eight = decoding.generate(sharded_params, cfg, prompts, max_new_tokens=5, temperature=0.8,
+  eight = decoding.generate(sharded_params, spec, prompts, max_new_tokens=5, temperature=0.8,
                             seed=3, mesh=mesh)
   assert one == eight

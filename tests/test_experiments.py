@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from fmjax.nn.sharding import MESH_AXES
+from fmjax.validate import validate
 from fmjax import config as config_lib
 from fmjax.scaling import sizing
 
@@ -23,12 +25,12 @@ def load(path):
 def test_experiment_file_validates(path):
   cfg = sizing.resolve(load(path).get_config())
   # A file that fixes its mesh is checked on that many devices, others on the test's 8.
-  sizes = [cfg.mesh[a] for a in config_lib.MESH_AXES]
+  sizes = [cfg.mesh[a] for a in MESH_AXES]
   n = 1
   for s in sizes:
     n *= max(s, 1)
   devices = n if -1 not in sizes else 8
-  config_lib.validate(cfg, devices)
+  validate(cfg, devices)
   assert cfg.train.steps >= 1
 
 

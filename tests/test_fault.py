@@ -320,8 +320,8 @@ def test_nonfinite_steps_are_skipped_then_restored_past(data_dir, tmp_path, monk
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5) as ckpt:
     assert ckpt.all_steps() == [0, 2, 4, 6, 8]
     from fmjax.nn import sharding
-    from fmjax.train import state as train
-    s = train.setup(c, sharding.make_mesh(c.mesh))
+    from fmjax.train import state as state_lib
+    s = state_lib.setup(c, sharding.make_mesh(c.mesh))
     for step in ckpt.all_steps():
       state = jax.device_get(ckpt.restore(step, s.abstract_state))
       assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))

@@ -13,6 +13,8 @@ from fmjax.nn import cost, layers, mla, model, rope, sharding
 from fmjax.train import objectives
 from fmjax.nn import params as params_lib
 from test_model import assert_flops_formula_matches_xla, init_params, random_batch
+from fmjax.validate import validate
+from fmjax.nn.spec import ModelSpec
 
 MLA = dict(attention="mla", q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=12)
@@ -94,7 +96,7 @@ CASES = {
 def test_mla_layer_matches_reference(case, absorbed):
   cfg = tiny_config(**CASES[case])
   m = cfg.model
-  config_lib.validate(cfg, n_devices=8)
+  validate(cfg, n_devices=8)
   params = init_params(cfg, seed=2)
   layer = jax.tree.map(lambda a: a[0], params["layers"])
   for name in ("q_norm", "kv_norm"):  # norm scales away from 1, so a missed norm shows
@@ -106,7 +108,7 @@ def test_mla_layer_matches_reference(case, absorbed):
   cos, sin = rope.angles(jnp.asarray(pos), rope.inv_frequencies(
       m.qk_rope_head_dim, m.rope_theta, m.rope_scaling))
   mask = layers.attention_mask(jnp.asarray(seg))
-  out, _ = mla.apply(layer, x, cos, sin, mask, cfg, absorbed=absorbed)
+  out, _ = mla.apply(layer, x, cos, sin, mask, ModelSpec.from_config(cfg), absorbed=absorbed)
   expected = reference_mla(layer, x, pos, seg, m)
   np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-4, atol=2e-6)
 
@@ -133,7 +135,7 @@ def test_mla_sharded_gradients_equal_single_device():
   objective = objectives.OBJECTIVES["next_token"]
   decls = model.param_decls(cfg.model)
   params = params_lib.init(decls, jax.random.key(0))
-  loss_and_grad = lambda p, b: jax.value_and_grad(lambda p: objective(p, b, cfg)[0])(p)
+  loss_and_grad = lambda p, b: jax.value_and_grad(lambda p: objective(p, b, ModelSpec.from_config(cfg), cfg.objective)[0])(p)
   loss1, g1 = jax.device_get(jax.jit(loss_and_grad)(params, batch))
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(cfg.mesh)
@@ -168,7 +170,7 @@ def test_linear_rope_scaling_is_position_interpolation(kind):
   params = init_params(base)
   batch = random_batch(base)
   fwd = lambda c, pos: np.asarray(jax.jit(lambda p: model.forward(
-      p, batch["tokens"], batch["segment_ids"], pos, c))(params))
+      p, batch["tokens"], batch["segment_ids"], pos, ModelSpec.from_config(c)))(params))
   np.testing.assert_allclose(fwd(scaled, 2 * batch["positions"]), fwd(base, batch["positions"]),
                              rtol=1e-4, atol=1e-4)
 
@@ -189,7 +191,7 @@ def test_invalid_mla_and_rope_fields(field, value, message):
   else:
     cfg.model[field] = value
   with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(")):
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)
 
 
 def _experiment(name):
@@ -205,7 +207,7 @@ def _experiment(name):
 
 def test_mla_experiment_matches_the_default_in_size_with_a_smaller_cache():
   mla_cfg, gqa_cfg = _experiment("pretrain_mla_tiny"), _experiment("pretrain_tiny")
-  config_lib.validate(mla_cfg, n_devices=8)
+  validate(mla_cfg, n_devices=8)
   assert mla_cfg.model.attention == "mla"
   mla_n, gqa_n = (cost.param_counts(c.model)["total"] for c in (mla_cfg, gqa_cfg))
   assert abs(mla_n - gqa_n) / gqa_n < 0.01

@@ -7,9 +7,11 @@ import pytest
 
 from conftest import tiny_config
 from fmjax.nn import cost, layers, model, rope
-from fmjax.train import objectives, state as train
+from fmjax.train import objectives, state as state_lib, step as step_lib
+from fmjax.runtime import distributed
 from fmjax.nn import params as params_lib
 from fmjax.nn import sharding
+from fmjax.nn.spec import ModelSpec
 
 
 def random_batch(cfg, seed=0, docs_per_row=1):
@@ -31,15 +33,15 @@ def run_one_step(cfg, mesh_shape, batch):
   cfg.mesh.update(mesh_shape)
   n = int(np.prod(list(mesh_shape.values())))
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n])
-  s = train.setup(cfg, mesh)
-  state = train.init_state(s, seed=0)
+  s = state_lib.setup(cfg, mesh)
+  state = state_lib.init_state(s, seed=0)
   objective = objectives.OBJECTIVES[cfg.objective.name]
-  grad_fn = jax.jit(jax.grad(lambda p, b: objective(p, b, cfg)[0]),
+  grad_fn = jax.jit(jax.grad(lambda p, b: objective(p, b, ModelSpec.from_config(cfg), cfg.objective)[0]),
                     in_shardings=(s.state_shardings["params"], s.batch_sharding))
   with jax.set_mesh(mesh):
-    gb = train.global_batch(batch, s.batch_sharding)
+    gb = distributed.global_batch(batch, s.batch_sharding)
     grads = jax.device_get(grad_fn(state["params"], gb))
-    state, metrics = train.make_train_step(s)(state, gb)
+    state, metrics = step_lib.make_train_step(s)(state, gb)
   return jax.device_get(metrics), grads, jax.device_get(state["params"])
 
 
@@ -84,7 +86,7 @@ def test_causal_and_documents_do_not_leak():
   batch = random_batch(cfg, docs_per_row=2)
   params = init_params(cfg)
   fwd = jax.jit(lambda toks: model.forward(params, toks, batch["segment_ids"],
-                                           batch["positions"], cfg))
+                                           batch["positions"], ModelSpec.from_config(cfg)))
   base = np.asarray(fwd(batch["tokens"]))
   T, t = cfg.data.seq_len, 5
   later = batch["tokens"].copy()
@@ -102,12 +104,13 @@ def test_gradient_wrt_future_inputs_is_zero():
   cfg = tiny_config()
   batch = random_batch(cfg)
   params = init_params(cfg)
-  embed = model.embed(params, batch["tokens"], cfg)
+  spec = ModelSpec.from_config(cfg)
+  embed = model.embed(params, batch["tokens"], spec)
   t = 10
 
   def logit_at_t(x_BTD):
-    h = model.decode(params, x_BTD, batch["segment_ids"], batch["positions"], cfg)
-    return model.unembed(params, h, cfg)[:, t].sum()
+    h = model.decode(params, x_BTD, batch["segment_ids"], batch["positions"], spec)
+    return model.unembed(params, h, spec)[:, t].sum()
 
   g = jax.grad(logit_at_t)(embed)
   assert np.abs(np.asarray(g[:, t + 1:])).max() == 0.0
@@ -163,12 +166,12 @@ def test_overfits_a_fixed_batch():
   cfg.optimizer.update(lr=1e-2, schedule="constant", weight_decay=0.0)
   cfg.train.steps = 60
   mesh = sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg, mesh)
-  state = train.init_state(s, seed=0)
-  step = train.make_train_step(s)
+  s = state_lib.setup(cfg, mesh)
+  state = state_lib.init_state(s, seed=0)
+  step = step_lib.make_train_step(s)
   batch = random_batch(cfg)
   with jax.set_mesh(mesh):
-    gb = train.global_batch(batch, s.batch_sharding)
+    gb = distributed.global_batch(batch, s.batch_sharding)
     first = None
     for _ in range(cfg.train.steps):
       state, m = step(state, gb)
@@ -212,9 +215,9 @@ def assert_flops_formula_matches_xla(cfg, seq_len=128, batch_size=2):
   batch = jax.tree.map(jnp.asarray, random_batch(cfg))
   tokens = batch_size * seq_len
   objective = objectives.OBJECTIVES["next_token"]
-  fwd = xla_flops(lambda p, b: objective(p, b, cfg)[0], params, batch) / tokens
+  fwd = xla_flops(lambda p, b: objective(p, b, ModelSpec.from_config(cfg), cfg.objective)[0], params, batch) / tokens
   assert fwd == pytest.approx(cost.flops_per_token(cfg.model, seq_len, training=False), rel=0.05)
-  grad = xla_flops(jax.grad(lambda p, b: objective(p, b, cfg)[0]), params, batch) / tokens
+  grad = xla_flops(jax.grad(lambda p, b: objective(p, b, ModelSpec.from_config(cfg), cfg.objective)[0]), params, batch) / tokens
   assert grad == pytest.approx(cost.flops_per_token(cfg.model, seq_len), rel=0.05)
 
 
@@ -226,11 +229,11 @@ def test_flops_formula_matches_the_compiled_train_step():
   cfg.train.batch_size = 4
   cfg.mesh.update(data=1)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  s = train.setup(cfg, mesh)
+  s = state_lib.setup(cfg, mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_sharding)
            for k, v in random_batch(cfg).items()}
   with jax.set_mesh(mesh):
-    compiled = train.make_train_step(s).lower(s.abstract_state, batch).compile()
+    compiled = step_lib.make_train_step(s).lower(s.abstract_state, batch).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   per_token = float(analysis["flops"]) / (cfg.train.batch_size * cfg.data.seq_len)
@@ -241,7 +244,7 @@ def _loss_and_grads(cfg, batch):
   params = init_params(cfg)
   objective = objectives.OBJECTIVES["next_token"]
   (loss, stats), grads = jax.jit(jax.value_and_grad(
-      lambda p: objective(p, jax.tree.map(jnp.asarray, batch), cfg), has_aux=True))(params)
+      lambda p: objective(p, jax.tree.map(jnp.asarray, batch), ModelSpec.from_config(cfg), cfg.objective), has_aux=True))(params)
   return float(loss / stats["tokens"]), grads
 
 

@@ -10,12 +10,15 @@ import pytest
 
 from conftest import tiny_config
 from test_model import assert_flops_formula_matches_xla, init_params, random_batch
+from fmjax.validate import validate
 from fmjax.nn import block, cost, dispatch, layers, model, moe
 from fmjax import config as config_lib
 from fmjax.train import loop, metrics
-from fmjax.train import objectives, state as train
+from fmjax.train import objectives, state as state_lib, step as step_lib
+from fmjax.runtime import distributed
 from fmjax.nn import sharding
 from fmjax.nn import params as params_lib
+from fmjax.nn.spec import ModelSpec
 
 E, K = 8, 2
 
@@ -84,7 +87,7 @@ def run_layer(cfg, mesh_shape, params, decls, x, r):
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:math.prod(mesh_shape.values())])
 
   def f(p, x):
-    y, stats = moe.apply(jax.tree.map(lambda a: a[0], p), x, cfg)
+    y, stats = moe.apply(jax.tree.map(lambda a: a[0], p), x, ModelSpec.from_config(cfg))
     return jnp.sum(y * r), (y, stats["dropped"])
 
   p_sh = params_lib.shardings(decls, mesh, cfg.sharding.params)
@@ -263,12 +266,12 @@ def test_train_step_moves_the_bias_by_gamma_from_the_load():
   cfg = moe_config(score="sigmoid", balance="aux_free", bias_update_rate=0.01, aux_loss_coef=0.0)
   cfg.mesh.update(data=1)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  s = train.setup(cfg, mesh)
-  state = train.init_state(s, seed=0)
+  s = state_lib.setup(cfg, mesh)
+  state = state_lib.init_state(s, seed=0)
   bias0 = np.asarray(state["params"]["moe_layers"]["router_bias"])
   with jax.set_mesh(mesh):
-    state, metrics_ = train.make_train_step(s)(state, train.global_batch(random_batch(cfg),
-                                                                         s.batch_sharding))
+    state, metrics_ = step_lib.make_train_step(s)(
+        state, distributed.global_batch(random_batch(cfg), s.batch_sharding))
   metrics_, params = jax.device_get((metrics_, state["params"]))
   load = metrics_["moe_load"]
   assert load.sum() == cfg.train.batch_size * cfg.data.seq_len * K
@@ -325,8 +328,8 @@ def test_dense_model_is_unchanged_by_moe_fields():
   assert sorted(a) == ["embed", "final_norm", "layers", "unembed"]
   jax.tree.map(np.testing.assert_array_equal, a, b)
   batch = jax.tree.map(jnp.asarray, random_batch(base))
-  loss_a, stats_a = jax.jit(lambda p: objectives.next_token(p, batch, base))(a)
-  loss_b, stats_b = jax.jit(lambda p: objectives.next_token(p, batch, other))(b)
+  loss_a, stats_a = jax.jit(lambda p: objectives.next_token(p, batch, ModelSpec.from_config(base), base.objective))(a)
+  loss_b, stats_b = jax.jit(lambda p: objectives.next_token(p, batch, ModelSpec.from_config(other), other.objective))(b)
   assert float(loss_a) == float(loss_b) and set(stats_a) == set(stats_b)
 
 
@@ -348,7 +351,7 @@ def test_invalid_moe_fields_are_one_line_errors(field, value, message):
   node, leaf = (cfg.model.moe, field[4:]) if field.startswith("moe.") else (cfg.model, field)
   node[leaf] = value
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(cfg, 8)
+    validate(cfg, 8)
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -358,7 +361,7 @@ def test_expert_sharding_needs_tokens_sharded_over_experts():
   cfg.sharding.activations.batch = "data,fsdp"
   with pytest.raises(config_lib.ConfigError, match="sharding.activations.batch='data,fsdp' must "
                                                    "include 'expert'"):
-    config_lib.validate(cfg, 8)
+    validate(cfg, 8)
 
 
 def test_mtp_loss_predicts_the_token_after_next():
@@ -366,7 +369,7 @@ def test_mtp_loss_predicts_the_token_after_next():
   cfg = tiny_config(n_layers=1, mtp_depth=1, mtp_weight=0.5)
   params = jitted_init(cfg)
   batch = jax.tree.map(jnp.asarray, random_batch(cfg, docs_per_row=2))
-  loss, stats = jax.jit(lambda p: objectives.next_token(p, batch, cfg))(params)
+  loss, stats = jax.jit(lambda p: objectives.next_token(p, batch, ModelSpec.from_config(cfg), cfg.objective))(params)
   logp = jax.jit(lambda p: mtp_reference_log_probs(p, batch, cfg))(params)
   tok, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
   T = tok.shape[1]
@@ -382,17 +385,18 @@ def test_mtp_loss_predicts_the_token_after_next():
 
 
 def mtp_reference_log_probs(params, batch, cfg):
+  spec = ModelSpec.from_config(cfg)
   m = cfg.model
-  x0 = model.embed(params, batch["tokens"], cfg)
-  x, _ = model.trunk(params, x0, batch["segment_ids"], batch["positions"], cfg)
+  x0 = model.embed(params, batch["tokens"], spec)
+  x, _ = model.trunk(params, x0, batch["segment_ids"], batch["positions"], spec)
   p = jax.tree.map(lambda a: a[0], params["mtp"])
   rms = lambda v, g: v * jax.lax.rsqrt(jnp.mean(v * v, -1, keepdims=True) + m.norm_eps) * g
   e_next = jnp.concatenate([x0[:, 1:], jnp.zeros_like(x0[:, :1])], 1)
   h = jnp.concatenate([rms(x, p["hnorm"]), rms(e_next, p["enorm"])], -1) @ p["proj"]
   cos, sin = block.rope_angles(batch["positions"], m)
-  h, _, _ = block.apply(h, p["block"], cos, sin, layers.attention_mask(batch["segment_ids"]), cfg,
+  h, _, _ = block.apply(h, p["block"], cos, sin, layers.attention_mask(batch["segment_ids"]), spec,
                         "dense")
-  return jax.nn.log_softmax(model.unembed(params, rms(h, p["norm"]), cfg), -1)
+  return jax.nn.log_softmax(model.unembed(params, rms(h, p["norm"]), spec), -1)
 
 
 def test_cached_decoding_of_interleaved_moe_layers_equals_the_forward_pass():

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import pytest
 
+from fmjax.validate import validate
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
@@ -110,10 +112,10 @@ class Runs:
 
   def params(self, name, step=STEPS):
     import jax
-    from fmjax.train import checkpoint, state as train
+    from fmjax.train import checkpoint, state as state_lib
     from fmjax.nn import sharding
     cfg = get_config()
-    s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+    s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
     with checkpoint.Checkpointer(os.path.join(self.workdir(name), "checkpoints"), keep=99) as c:
       return jax.device_get(c.restore(step, s.abstract_state)["params"])
 
@@ -256,11 +258,11 @@ def test_config_checks_max_runtime_and_data_shards():
   c = get_config()
   c.train.max_runtime = "2 hours"
   with pytest.raises(config.ConfigError, match="train.max_runtime"):
-    config.validate(c, 8)
+    validate(c, 8)
   c = get_config()
   c.data.shards = 3
   with pytest.raises(config.ConfigError, match="data.shards=3 must divide train.batch_size=8"):
-    config.validate(c, 8)
+    validate(c, 8)
 
 
 def test_incomplete_multi_process_settings_are_a_config_error(monkeypatch):

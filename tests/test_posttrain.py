@@ -9,11 +9,14 @@ import pytest
 
 from conftest import tiny_config
 from test_model import init_params
+from fmjax.validate import validate
 from fmjax import config as config_lib
 from fmjax.posttrain import contrastive, dpo, lora, plan as posttrain
 from fmjax.nn import model, sharding
-from fmjax.train import objectives, state as train
+from fmjax.train import objectives, records, state as state_lib, step as step_lib
+from fmjax.runtime import distributed
 from fmjax.nn import params as params_lib
+from fmjax.nn.spec import ModelSpec
 
 MESH_222 = dict(data=2, fsdp=2, tensor=2)
 
@@ -23,7 +26,7 @@ def make_setup(cfg, mesh_shape=MESH_222):
   cfg.mesh.update(mesh_shape)
   n = math.prod(mesh_shape.values())
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n])
-  return train.setup(cfg, mesh)
+  return state_lib.setup(cfg, mesh)
 
 
 def example_rows(rng, cfg, B, prefix):
@@ -72,11 +75,11 @@ def test_dpo_at_the_reference_is_ln2_with_zero_rewards():
   """One sharded train step with policy = reference: loss ln 2, every reward metric 0."""
   cfg = dpo_config(beta=0.1)
   s = make_setup(cfg)
-  state = train.init_state(s, seed=0)
+  state = state_lib.init_state(s, seed=0)
   reference = jax.tree.map(jnp.copy, state["params"])
-  step = train.make_train_step(s, {"reference": reference})
+  step = step_lib.make_train_step(s, {"reference": reference})
   with jax.set_mesh(s.mesh):
-    _, m = step(state, train.global_batch(dpo_batch(cfg), s.batch_sharding))
+    _, m = step(state, distributed.global_batch(dpo_batch(cfg), s.batch_sharding))
   record = objectives.summarize(jax.device_get(m))
   assert record["pairs"] == cfg.train.batch_size
   assert record["loss"] == np.float32(math.log(2))
@@ -103,13 +106,13 @@ def test_dpo_gradient_raises_chosen_over_rejected():
   batch = jax.tree.map(jnp.asarray, dpo_batch(cfg, seed=1))
 
   def margin(p):
-    c, r = dpo.pair_logps(p, batch, cfg)
+    c, r = dpo.pair_logps(p, batch, ModelSpec.from_config(cfg))
     return jnp.sum(c - r)
 
   @jax.jit
   def evaluate(p, reference):
     (loss, _), loss_grad = jax.value_and_grad(
-        lambda q: dpo.dpo(q, batch, cfg, reference=reference), has_aux=True)(p)
+        lambda q: dpo.dpo(q, batch, ModelSpec.from_config(cfg), cfg.objective, reference=reference), has_aux=True)(p)
     return loss, loss_grad, margin(p), jax.grad(margin)(p)
 
   loss, loss_grad, before, margin_grad = evaluate(params, params)
@@ -128,15 +131,15 @@ def test_precomputed_reference_logps_give_the_same_statistics():
   params = init_params(cfg)
   other = jax.tree.map(lambda x: x * 1.01, params)
   batches = [dpo_batch(cfg, seed) for seed in (2, 3)]
-  logps = jax.jit(lambda b: dpo.pair_logps(other, b, cfg))
+  logps = jax.jit(lambda b: dpo.pair_logps(other, b, ModelSpec.from_config(cfg)))
   # The last "batch" is short: precompute pads it.
   short = {k: v[:3] for k, v in batches[1].items()}
   table = dpo.precompute(logps, [batches[0], short], cfg.train.batch_size)
   assert len(table) == cfg.train.batch_size + 3
   attached = dpo.AttachReference(table).map(batches[0])
   assert attached["chosen_ref_logps"].shape == (cfg.train.batch_size, 1)
-  online = jax.jit(lambda b: dpo.dpo(params, b, cfg, reference=other)[1])(batches[0])
-  pre = jax.jit(lambda b: dpo.dpo(params, b, cfg)[1])(attached)
+  online = jax.jit(lambda b: dpo.dpo(params, b, ModelSpec.from_config(cfg), cfg.objective, reference=other)[1])(batches[0])
+  pre = jax.jit(lambda b: dpo.dpo(params, b, ModelSpec.from_config(cfg), cfg.objective)[1])(attached)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), pre, online)
   with pytest.raises(KeyError, match="no precomputed reference"):
     dpo.AttachReference(table).map(batches[1])
@@ -151,8 +154,8 @@ def test_sft_loss_is_the_response_tokens_cross_entropy():
   rows = example_rows(np.random.default_rng(4), cfg, cfg.train.batch_size, "")
   params = init_params(cfg)
   batch = jax.tree.map(jnp.asarray, rows)
-  loss, stats, logits = jax.jit(lambda b: objectives.OBJECTIVES["sft"](params, b, cfg) + (
-      model.forward(params, b["tokens"], b["segment_ids"], b["positions"], cfg),))(batch)
+  loss, stats, logits = jax.jit(lambda b: objectives.OBJECTIVES["sft"](params, b, ModelSpec.from_config(cfg), cfg.objective) + (
+      model.forward(params, b["tokens"], b["segment_ids"], b["positions"], ModelSpec.from_config(cfg)),))(batch)
   logits = np.asarray(logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
@@ -171,7 +174,8 @@ def test_sft_loss_is_the_response_tokens_cross_entropy():
   prompt = (rows["loss_mask"] == 0)
   assert np.abs(g[prompt]).max() == 0.0 and np.abs(g[~prompt]).max() > 0
   with pytest.raises(ValueError, match="loss_mask"):
-    objectives.OBJECTIVES["sft"](params, {k: v for k, v in batch.items() if k != "loss_mask"}, cfg)
+    objectives.OBJECTIVES["sft"](
+        params, {k: v for k, v in batch.items() if k != "loss_mask"}, ModelSpec.from_config(cfg), cfg.objective)
 
 
 # Contrastive
@@ -221,9 +225,9 @@ def test_contrastive_sharded_equals_one_device(pooling="last", projection=16):
   for name, mesh_shape in (("one", dict(data=1, fsdp=1, tensor=1)),
                            ("eight", dict(data=4, fsdp=2, tensor=1))):
     s = make_setup(cfg, mesh_shape)
-    params = train.init_state(s, seed=0)["params"]
+    params = state_lib.init_state(s, seed=0)["params"]
     with jax.set_mesh(s.mesh):
-      stats = train.make_eval_step(s)(params, train.global_batch(batch, s.batch_sharding))
+      stats = step_lib.make_eval_step(s)(params, distributed.global_batch(batch, s.batch_sharding))
     results[name] = jax.device_get(stats), jax.device_get(params)
   (one, params), (eight, _) = results["one"], results["eight"]
   assert one["pairs"] == eight["pairs"] == 16
@@ -234,8 +238,9 @@ def test_contrastive_sharded_equals_one_device(pooling="last", projection=16):
   # Negatives from one shard only (2 pairs each) would give another, lower, loss.
   jb = jax.tree.map(jnp.asarray, batch)
   emb = {side: contrastive.embed(params, jb[f"{side}_tokens"], jb[f"{side}_segment_ids"],
-                                 jb[f"{side}_positions"], cfg) for side in ("anchor", "positive")}
-  scale = float(contrastive.logit_scale(params, cfg))
+                                 jb[f"{side}_positions"], ModelSpec.from_config(cfg),
+                                 cfg.objective.contrastive) for side in ("anchor", "positive")}
+  scale = float(contrastive.logit_scale(params, cfg.objective.contrastive))
   a, p = np.asarray(emb["anchor"]), np.asarray(emb["positive"])
   np.testing.assert_allclose(numpy_info_nce(a, p, scale, True).sum(), one["loss"], rtol=1e-5)
   local = sum(numpy_info_nce(a[i:i + 2], p[i:i + 2], scale, True).sum() for i in range(0, 16, 2))
@@ -246,8 +251,9 @@ def test_temperature_is_clamped_as_in_clip():
   cfg = contrastive_config(temperature=0.001, max_logit_scale=100.0)
   params = params_lib.init(posttrain.param_decls(cfg), jax.random.key(0))
   assert float(params["head"]["logit_scale"]) == pytest.approx(math.log(1000))
-  assert float(jnp.exp(contrastive.logit_scale(params, cfg))) == pytest.approx(100.0)
-  _, stats = contrastive.contrastive(params, jax.tree.map(jnp.asarray, pair_batch(cfg)), cfg)
+  assert float(jnp.exp(contrastive.logit_scale(params, cfg.objective.contrastive))) == pytest.approx(100.0)
+  _, stats = contrastive.contrastive(params, jax.tree.map(jnp.asarray, pair_batch(cfg)),
+                                    ModelSpec.from_config(cfg), cfg.objective)
   assert float(stats["temperature"]) / 16 == pytest.approx(0.01)
 
 
@@ -305,12 +311,13 @@ def test_lora_starts_as_a_no_op_and_trains_only_adapters(objective="next_token")
   from test_model import random_batch
   cfg = lora_config(objective)
   s = make_setup(cfg)
-  state = train.init_state(s, seed=0)
+  state = state_lib.init_state(s, seed=0)
   before = jax.device_get(state["params"])
   base = {k: v for k, v in before.items() if k not in posttrain.ADDED}
   # Zero-initialised B: the model's outputs are those of the base weights, exactly.
   b = random_batch(cfg)
-  fwd = lambda p: model.forward(p, b["tokens"], b["segment_ids"], b["positions"], cfg)  # noqa: E731
+  spec = ModelSpec.from_config(cfg)
+  fwd = lambda p: model.forward(p, b["tokens"], b["segment_ids"], b["positions"], spec)  # noqa: E731
   np.testing.assert_array_equal(fwd(posttrain.model_params(before, cfg)), fwd(base))
   # No optimizer state for the frozen weights: AdamW's moments mirror the adapters (and head).
   trained = {"lora"} | ({"head"} if objective == "contrastive" else set())
@@ -319,14 +326,14 @@ def test_lora_starts_as_a_no_op_and_trains_only_adapters(objective="next_token")
   assert jax.tree.structure(mu["lora"]) == jax.tree.structure(before["lora"])
   batch = pair_batch(cfg) if objective == "contrastive" else b
   with jax.set_mesh(s.mesh):
-    state, m = train.make_train_step(s)(state, train.global_batch(batch, s.batch_sharding))
+    state, m = step_lib.make_train_step(s)(state, distributed.global_batch(batch, s.batch_sharding))
   after = jax.device_get(state["params"])
   assert float(m["grad_norm"]) > 0
   jax.tree.map(np.testing.assert_array_equal, {k: after[k] for k in base}, base)
   moved = jax.tree.map(lambda x, y: np.abs(x - y).max() > 0, after["lora"], before["lora"])
   assert all(jax.tree.leaves(jax.tree.map(lambda ab: ab, {n: v["b"] for n, v in
                                                           moved["layers"].items()})))
-  summary = train.run_summary(cfg, s)
+  summary = records.run_summary(cfg, s)
   assert summary["trained_params"] == sum(x.size for k in trained
                                           for x in jax.tree.leaves(before[k]))
 
@@ -362,7 +369,7 @@ def test_bad_posttraining_fields_get_one_line_errors(path, value, message):
     node = node[p]
   node[leaf] = value
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -370,10 +377,10 @@ def test_objective_requirements_get_one_line_errors():
   cfg = tiny_config()
   cfg.objective.name = "dpo"
   with pytest.raises(config_lib.ConfigError, match="needs a reference model"):
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)
   cfg.objective.dpo.reference = "runs/sft_tiny"
-  config_lib.validate(cfg, n_devices=8)
+  validate(cfg, n_devices=8)
   cfg = contrastive_config()
   cfg.train.microbatches = 2
   with pytest.raises(config_lib.ConfigError, match="must be 1 for objective.name='contrastive'"):
-    config_lib.validate(cfg, n_devices=8)
+    validate(cfg, n_devices=8)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from fmjax.train import checkpoint, loop, state as train
+from fmjax.train import checkpoint, loop, state as state_lib
 from fmjax import export
 from fmjax.posttrain import lora, plan as posttrain
 from fmjax.nn import sharding
@@ -47,9 +47,9 @@ def runs(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("pipeline")
   tokenizer_lib.load_or_train(data_dir, 2048)
   cfg = experiment("pretrain_tiny", data_dir)
-  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
   with checkpoint.Checkpointer(str(root / "pretrain_tiny" / "checkpoints"), keep=1) as ckpt:
-    ckpt.save(0, train.init_state(s, seed=0))
+    ckpt.save(0, state_lib.init_state(s, seed=0))
   out = {}
   steps = [("sft_tiny", dict(data__seq_len=96, data__task_size=200)),
            ("dpo_tiny", dict(data__task_size=40)),
@@ -78,7 +78,7 @@ def test_sft_then_dpo_with_lora_from_the_previous_stage(runs):
   for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies"):
     assert f"eval_{k}" in last_eval
   # The frozen base is the SFT model's, bit for bit.
-  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1) as ckpt:
     params = jax.device_get(ckpt.restore(2, s.abstract_state)["params"])
   sft_params = jax.device_get(checkpoint.restore_params(
@@ -89,7 +89,7 @@ def test_sft_then_dpo_with_lora_from_the_previous_stage(runs):
 def test_export_merges_the_adapters(runs, tmp_path):
   cfg, workdir, _ = runs["dpo_tiny"]
   export.main([f"--workdir={workdir}", f"--out={tmp_path / 'merged'}"])
-  s = train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  s = state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1) as ckpt:
     params = jax.device_get(ckpt.restore(2, s.abstract_state)["params"])
   merged = jax.device_get(checkpoint.restore_params(

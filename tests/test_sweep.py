@@ -7,10 +7,11 @@ import textwrap
 
 import pytest
 
+from fmjax.validate import validate
 from fmjax import config as config_lib
 from fmjax.nn import cost
 from fmjax.scaling import sizing, sweep
-from fmjax.train import state as train_lib
+from fmjax.train.records import write_json
 
 from conftest import tiny_config
 
@@ -24,7 +25,7 @@ def test_size_dial_sets_the_model_by_the_documented_rule():
   c.model.update(depth=2, aspect_ratio=64, head_dim=0)
   m = sizing.resolve(c).model
   assert (m.d_model, m.head_dim, m.n_heads, m.d_ff) == (128, 64, 2, 384)  # 341.3 -> 384
-  config_lib.validate(sizing.resolve(c), 8)
+  validate(sizing.resolve(c), 8)
 
 
 def test_horizons_become_exact_steps():
@@ -145,11 +146,11 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
   summary["config_hash"] = "made-by-an-older-fmjax"
   del saved["optimizer"]["lr"]  # a field the older schema lacked; the member keeps its default
   assert member.cfg.optimizer.lr == config_lib.base().optimizer.lr
-  train_lib.write_json(os.path.join(run_dir, "summary.json"), summary)
-  train_lib.write_json(os.path.join(run_dir, "config.json"), saved)
+  write_json(os.path.join(run_dir, "summary.json"), summary)
+  write_json(os.path.join(run_dir, "config.json"), saved)
   assert sweep.is_finished(member, workdir)
   saved["model"]["d_model"] += 1
-  train_lib.write_json(os.path.join(run_dir, "config.json"), saved)
+  write_json(os.path.join(run_dir, "config.json"), saved)
   assert not sweep.is_finished(member, workdir)
 
 

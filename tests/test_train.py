@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax.train import checkpoint, loop, metrics, state as train
+from fmjax.train import checkpoint, loop, metrics, state as state_lib
 from fmjax.nn import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def final_state(cfg, workdir, mesh_cfg=None):
   if mesh_cfg:
     cfg.mesh.update(mesh_cfg)
   mesh = sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg, mesh)
+  s = state_lib.setup(cfg, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
   state = ckpt.restore(ckpt.latest_step(), s.abstract_state)
   ckpt.close()

@@ -37,11 +37,12 @@ def train_tokens_per_s(cfg, steps: int) -> float:
   import jax
   import numpy as np
   from fmjax.nn import sharding
-  from fmjax.train import state as train
+  from fmjax.runtime import distributed
+  from fmjax.train import state as state_lib, step as step_lib
   mesh = sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg, mesh)
-  state = train.init_state(s, 0)
-  step = train.make_train_step(s)
+  s = state_lib.setup(cfg, mesh)
+  state = state_lib.init_state(s, 0)
+  step = step_lib.make_train_step(s)
   rng = np.random.default_rng(0)
   shape = (cfg.train.batch_size, cfg.data.seq_len)
   batch = {"tokens": rng.integers(4, cfg.model.vocab_size, shape, dtype=np.int32),
@@ -49,7 +50,7 @@ def train_tokens_per_s(cfg, steps: int) -> float:
            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()}
   times = []
   with jax.set_mesh(mesh):
-    gb = train.global_batch(batch, s.batch_sharding)
+    gb = distributed.global_batch(batch, s.batch_sharding)
     for _ in range(steps + 1):
       t = time.perf_counter()
       state, metrics = step(state, gb)

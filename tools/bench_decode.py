@@ -22,6 +22,7 @@ import numpy as np
 from fmjax import config as config_lib
 from fmjax.nn import cost, decoding, model
 from fmjax.nn import params as params_lib
+from fmjax.nn.spec import ModelSpec
 
 # One trunk (8 layers, d_model 512, 8 heads, d_ff 1536); attention variants of
 # about equal size. MHA is there as the uncompressed reference (it is larger).
@@ -51,16 +52,17 @@ def bench(kind: str, absorbed: bool, args) -> dict:
   prompts = rng.integers(1, m.vocab_size, (B, P)).astype(np.int32)
   lengths = np.full((B,), P, np.int32)
 
-  prefill = jax.jit(lambda p, c, t, n: decoding.prefill(p, c, t, n, cfg), donate_argnums=1)
+  spec = ModelSpec.from_config(cfg)
+  prefill = jax.jit(lambda p, c, t, n: decoding.prefill(p, c, t, n, spec), donate_argnums=1)
 
   def greedy_step(p, c, t, pos):
-    logits, c = decoding.step(p, c, t, pos, cfg, absorbed)
+    logits, c = decoding.step(p, c, t, pos, spec, absorbed)
     return jnp.argmax(logits, -1).astype(jnp.int32), c
 
   step = jax.jit(greedy_step, donate_argnums=1)
 
   def run(new_tokens):
-    cache = decoding.init_cache(cfg, B, slots)
+    cache = decoding.init_cache(spec, B, slots)
     t0 = time.perf_counter()
     logits, cache = prefill(params, cache, prompts, lengths)
     token = jnp.argmax(logits, -1).astype(jnp.int32)

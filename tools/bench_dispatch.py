@@ -41,6 +41,7 @@ def main() -> int:
   import numpy as np
 
   from fmjax.nn import dispatch, sharding
+  from fmjax.nn.spec import ModelSpec
 
   m = cfg.model
   E, K, D, F = m.moe.n_routed_experts, m.moe.experts_per_token, m.d_model, m.moe.moe_intermediate_size

@@ -47,7 +47,7 @@ def main() -> None:
   import jax.numpy as jnp
 
   jax.config.update("jax_num_cpu_devices", 1)
-  from fmjax import bench
+  from fmjax.train import benchmark as bench
   from fmjax.nn import cost
 
   spec = importlib.util.spec_from_file_location("experiment", args.config)

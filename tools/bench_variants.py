@@ -66,29 +66,32 @@ def main() -> int:
   p.add_argument("variants", nargs="+")
   a = p.parse_args()
 
-  from fmjax import bench
+  from fmjax.train import benchmark as bench
 
   base = load_config(a.config)
   variants = []
   for v in a.variants:
     name, _, overrides = v.partition(":")
     variants.append((name, apply(base, overrides)))
-  from fmjax import config as config_lib
   from fmjax.runtime import xla_flags
 
   xla_flags.apply()
   import jax
 
+  from fmjax.nn.cost import peak_flops
+  from fmjax.nn.sharding import MESH_AXES
+  from fmjax.validate import validate
+
   cpu_devices = max(int(cfg.mesh.cpu_devices) for _, cfg in variants)
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
   dtype = variants[0][1].model.dtype
-  peaks = [bench.device_peak(dtype, 1)]
+  peaks = [peak_flops(dtype, 1)]
   compiled = []
   for name, cfg in variants:
-    sizes = [int(cfg.mesh[a]) for a in config_lib.MESH_AXES]
+    sizes = [int(cfg.mesh[a]) for a in MESH_AXES]
     n = math.prod(sizes) if -1 not in sizes else jax.device_count()
-    config_lib.validate(cfg, n)
+    validate(cfg, n)
     c = bench.compile_step(cfg, jax.devices()[:n])
     c.run(1)  # warm-up
     compiled.append((name, c))
@@ -100,7 +103,7 @@ def main() -> int:
     print(f"round {r + 1}/{a.rounds}: " + ", ".join(
         f"{n} {statistics.median(t) * 1e3:,.0f} ms" for n, t in times.items()),
         file=sys.stderr, flush=True)
-  peaks.append(bench.device_peak(dtype, 1))
+  peaks.append(peak_flops(dtype, 1))
   peak = max(peaks)
   records = []
   for name, c in compiled:

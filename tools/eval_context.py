@@ -15,7 +15,7 @@ import os
 
 import jax
 
-from fmjax.train import checkpoint, state as train
+from fmjax.train import checkpoint, state as state_lib, step as step_lib
 from fmjax import config as config_lib
 from fmjax.nn import sharding
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
@@ -39,7 +39,7 @@ def main(argv=None):
                                 original_seq_len=trained_len)
   cfg.mesh.update(data=1, fsdp=1, expert=1, tensor=1)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  s = train.setup(cfg, mesh)
+  s = state_lib.setup(cfg, mesh)
   ckpt = checkpoint.Checkpointer(os.path.abspath(os.path.join(args.workdir, "checkpoints")),
                                  keep=cfg.checkpoint.keep)
   params = ckpt.restore(ckpt.latest_step(), s.abstract_state)["params"]
@@ -48,7 +48,7 @@ def main(argv=None):
   batches = pipeline.eval_batches(cfg.data, tok, batch_size=batch_size,
                                   num_batches=max(args.tokens // (batch_size * args.seq_len), 1))
   with jax.set_mesh(mesh):
-    result = train.evaluate(s, train.make_eval_step(s), params, batches)
+    result = step_lib.evaluate(s, step_lib.make_eval_step(s), params, batches)
   print(json.dumps(dict(workdir=args.workdir, trained_seq_len=trained_len,
                         seq_len=args.seq_len, rope_scaling=args.rope_scaling,
                         factor=args.factor, **result)))

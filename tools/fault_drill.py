@@ -371,9 +371,9 @@ def tree_digest(path) -> str:
 
 def _setup():
   from fmjax.nn import sharding
-  from fmjax.train import state as train
+  from fmjax.train import state as state_lib
   cfg = get_config()
-  return train.setup(cfg, sharding.make_mesh(cfg.mesh))
+  return state_lib.setup(cfg, sharding.make_mesh(cfg.mesh))
 
 
 def _load(workdir, step):

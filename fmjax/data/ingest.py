@@ -25,6 +25,7 @@ import json
 import os
 
 import tqdm
+from array_record.python.array_record_module import ArrayRecordWriter
 
 
 class ConversionError(ValueError):
@@ -102,7 +103,6 @@ def convert(inputs: list[str], out: str, *, unit: str = "file", key: str = "text
 
   Returns the counts also written to `{out}.json`.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter
   if unit not in ("file", "paragraph"):
     raise ValueError(f"unit={unit!r} is not one of file, paragraph")
   if bad not in ("error", "skip"):

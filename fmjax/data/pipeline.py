@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 from absl import flags, logging
 import grain
@@ -206,7 +207,6 @@ def _rename(row):
 
 def open_sources(d, split: str) -> dict[str, sources_lib.Source]:
   """name -> source of `split`, for every component of data.mixture."""
-  import os
   data_dir = os.path.expanduser(d.data_dir)
   return {c.name: sources_lib.open_source(c.spec, split, data_dir)
           for c in mixture_lib.parse_mixture(d.mixture)}

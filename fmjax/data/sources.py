@@ -22,6 +22,9 @@ import glob
 import os
 from typing import Any
 
+from array_record.python.array_record_module import ArrayRecordReader
+from grain.sources import ArrayRecordDataSource
+
 from fmjax.data import synthetic
 
 KINDS = ("kjv", "synthetic", "tfds", "arrayrecord")
@@ -114,7 +117,7 @@ def open_source(spec: str, split: str, data_dir: str) -> Source:
     raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
   s = parse(spec)
   if s.kind == "kjv":
-    from fmjax.data import kjv
+    from fmjax.data import kjv  # only when used: it loads tensorflow_datasets
     return Source(spec, split, kjv.load_source(data_dir, split), False,
                   Described(f"kjv {split}"), {})
   if s.kind == "synthetic":
@@ -127,7 +130,7 @@ def open_source(spec: str, split: str, data_dir: str) -> Source:
 
 
 def _open_tfds(s: Spec, spec: str, split: str, data_dir: str) -> Source:
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # only when used: slow to import
   name = s.args[0]
   directory = os.path.expanduser(s.get("data_dir", data_dir))
   tfds_split = s.get(split, split)
@@ -142,7 +145,6 @@ def _open_tfds(s: Spec, spec: str, split: str, data_dir: str) -> Source:
 
 
 def _open_arrayrecord(s: Spec, spec: str, split: str) -> Source:
-  from grain.sources import ArrayRecordDataSource
   pattern = os.path.expanduser(s.args[0].replace("{split}", split))
   paths = sorted(glob.glob(pattern))
   if not paths:
@@ -170,7 +172,6 @@ class FileRecords:
 
   def __call__(self, i: int) -> str:
     if self._starts is None:
-      from array_record.python.array_record_module import ArrayRecordReader
       starts = [0]
       for p in self.paths:
         reader = ArrayRecordReader(p)

@@ -124,7 +124,7 @@ class PassagePairs:
   """
 
   def __init__(self, data_dir: str, split: str, seed: int = 0, max_verses: int = 3):
-    from fmjax.data import kjv
+    from fmjax.data import kjv  # only when used: it loads tensorflow_datasets
     if split not in SPLITS:
       raise ValueError(f"no split {split!r}; splits are {', '.join(SPLITS)}")
     source = kjv.load_source(data_dir, split)

@@ -92,7 +92,7 @@ def train(data_dir: str, vocab_size: int, model_type: str = "bpe") -> bytes:
   if vocab_size < MIN_VOCAB_SIZE:
     raise ValueError(f"vocab_size={vocab_size} is too small for a tokenizer with byte "
                      f"fallback; use at least {MIN_VOCAB_SIZE}")
-  from fmjax.data import kjv  # imported here: it loads tensorflow_datasets
+  from fmjax.data import kjv  # only when used: it loads tensorflow_datasets
   source = kjv.load_source(data_dir, "train")
   records = source.__getitems__(range(len(source)))
   verses = [line for r in records for line in r["text"].decode("utf-8").split("\n")]

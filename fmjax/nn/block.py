@@ -43,24 +43,24 @@ def decls(m, kind: str, n: int) -> dict:
   }, n)
 
 
-def apply(x_BTD, p, cos, sin, mask_B1TS, cfg, kind: str, cache=None, start_B=None,
+def apply(x_BTD, p, cos, sin, mask_B1TS, spec, kind: str, cache=None, start_B=None,
           absorbed=False):
   """One layer; `p` (and `cache`) hold its slice of the stack.
 
   Returns (x_BTD, cache, statistics): MoE routing statistics (fmjax.nn.moe.STATS)
   for a 'moe' layer, None for a dense one.
   """
-  m, rules = cfg.model, cfg.sharding.activations
+  m, rules = spec.model, spec.activations
   with jax.named_scope("attention"):
     h_BTD = layers.rms_norm(x_BTD, p["attn_norm"], m.norm_eps)
-    a_BTD, cache = ATTENTION[m.attention].apply(p, h_BTD, cos, sin, mask_B1TS, cfg, cache,
+    a_BTD, cache = ATTENTION[m.attention].apply(p, h_BTD, cos, sin, mask_B1TS, spec, cache,
                                                 start_B, absorbed)
     x_BTD = constrain(x_BTD + a_BTD, ("batch", "seq", "embed"), rules)
   with jax.named_scope("moe" if kind == "moe" else "mlp"):
     h_BTD = layers.rms_norm(x_BTD, p["mlp_norm"], m.norm_eps)
     if kind == "moe":  # decoding (with a cache) never drops tokens
-      y_BTD, stats = moe.apply(p, h_BTD, cfg, dropless=True if cache is not None else None)
+      y_BTD, stats = moe.apply(p, h_BTD, spec, dropless=True if cache is not None else None)
     else:
-      y_BTD, stats = mlp.apply(p, h_BTD, cfg), None
+      y_BTD, stats = mlp.apply(p, h_BTD, spec), None
     x_BTD = constrain(x_BTD + y_BTD, ("batch", "seq", "embed"), rules)
   return x_BTD, cache, stats

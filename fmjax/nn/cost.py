@@ -12,7 +12,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from fmjax import config as config_lib
+from fmjax.nn import model
+from fmjax.nn.spec import head_dim
 
 
 def _attention_sizes(m) -> tuple[int, int, int]:
@@ -27,7 +28,7 @@ def _attention_sizes(m) -> tuple[int, int, int]:
     query = D * Q + Q * N * qk if Q else D * N * qk
     matrices = query + D * (C + R) + C * N * (m.qk_nope_head_dim + dv) + N * dv * D
     return matrices, Q + C, N * (qk + dv)
-  K, H = m.n_kv_heads, config_lib.head_dim(m)
+  K, H = m.n_kv_heads, head_dim(m)
   return D * N * H + 2 * D * K * H + N * H * D, 0, 2 * N * H
 
 
@@ -60,8 +61,6 @@ def param_counts(m) -> dict[str, int]:
   active: the parameters one token uses (all of a dense model; an MoE layer's
   K routed experts of E). Multi-token prediction modules count in all three.
   """
-  from fmjax.nn import model  # the layer layout
-
   D, V = m.d_model, m.vocab_size
   embedding = V * D * (1 if m.tie_embeddings else 2)
   total = active = embedding + D
@@ -83,8 +82,6 @@ def flops_per_token(m, seq_len: int, training: bool = True) -> float:
   not all E. Each multi-token prediction depth adds its projection, one dense
   layer and the unembedding.
   """
-  from fmjax.nn import model
-
   D, V = m.d_model, m.vocab_size
   _, _, per_key = _attention_sizes(m)
   layer_macs = lambda kind: _layer_sizes(m, kind)[2] + seq_len * per_key
@@ -99,7 +96,7 @@ def cache_bytes_per_token(m) -> int:
   if m.attention == "mla":
     per_layer = m.kv_lora_rank + m.qk_rope_head_dim
   else:
-    per_layer = 2 * m.n_kv_heads * config_lib.head_dim(m)
+    per_layer = 2 * m.n_kv_heads * head_dim(m)
   return m.n_layers * per_layer * jnp.dtype(m.dtype).itemsize
 
 
@@ -124,18 +121,20 @@ def datasheet_peak(device_kind: str) -> tuple[float, str] | None:
 
 
 @functools.cache
-def peak_flops(dtype: str = "float32") -> tuple[float, str]:
-  """(peak FLOP/s of all devices of this process, where the figure came from).
+def peak_flops(dtype: str = "float32", n_devices: int | None = None) -> tuple[float, str]:
+  """(peak FLOP/s of `n_devices` devices (default: all of this process's), where the figure
+  came from).
 
   Accelerators use their datasheet. A CPU has none, so its peak is measured
   with a large jitted matmul in the compute dtype; fake CPU devices share the
-  same cores, so that one figure is the whole host's peak.
+  same cores, so that one figure is the whole host's peak, whatever `n_devices`.
   """
   devices = jax.local_devices()
+  n = len(devices) if n_devices is None else n_devices
   kind = devices[0].device_kind
   sheet = datasheet_peak(kind)
   if sheet is not None:
-    return sheet[0] * len(devices), f"datasheet {sheet[1]} x{len(devices)}"
+    return sheet[0] * n, f"datasheet {sheet[1]} x{n}"
   return measure_matmul_flops(dtype), f"measured {dtype} matmul on {kind}"
 
 

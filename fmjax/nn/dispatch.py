@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from fmjax import config as config_lib
+from fmjax.nn.sharding import parse_axes
 
 
 def capacity(n_assignments: int, n_experts: int, factor: float) -> int:
@@ -261,14 +261,14 @@ def _experts_local(x_ND, idx_NK, w_NK, weights, e_cfg, dropless, ep, ep_axes, ml
   return y_ND, dropped
 
 
-def routed_experts(x_BTD, idx_BTK, w_BTK, weights, cfg, dropless: bool | None = None):
+def routed_experts(x_BTD, idx_BTK, w_BTK, weights, spec, dropless: bool | None = None):
   """Output (B, T, D) of the routed experts, and the number of dropped assignments.
 
   `weights` = (w_gate (E, D, F), w_up (E, D, F), w_down (E, F, D)). Under a
   mesh this runs in `jax.shard_map` with expert parallelism; without one, on
   the local arrays.
   """
-  e_cfg = cfg.model.moe
+  e_cfg = spec.model.moe
   dropless = e_cfg.dispatch == "dropless" if dropless is None else dropless
   B, T, D = x_BTD.shape
   K = idx_BTK.shape[-1]
@@ -280,10 +280,10 @@ def routed_experts(x_BTD, idx_BTK, w_BTK, weights, cfg, dropless: bool | None = 
                                    (), ())
     return y_ND.reshape(B, T, -1), dropped
 
-  act, par = cfg.sharding.activations, cfg.sharding.params
-  sized = lambda rule: tuple(a for a in config_lib.parse_axes(rule) if mesh.shape[a] > 1)
-  batch_axes, seq_axes = sized(act.batch), sized(act.seq)
-  ep_axes, mlp_axes = sized(par.expert), sized(par.mlp)
+  sized = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)
+  batch_axes = sized(parse_axes(spec.activations.batch))
+  seq_axes = sized(parse_axes(spec.activations.seq))
+  ep_axes, mlp_axes = sized(spec.expert_axes), sized(spec.mlp_axes)
   ep = math.prod(mesh.shape[a] for a in ep_axes)
   token_spec = P(batch_axes or None, seq_axes or None, None)
   e_spec, f_spec = ep_axes or None, mlp_axes or None

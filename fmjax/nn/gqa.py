@@ -8,7 +8,7 @@ Every attention kind has this module's interface (see fmjax/nn/mla.py):
   decls(m)                   per-layer parameters, stacked along 'layers'
   cache_decls(m, B, S)       per-layer decoding cache, stacked along 'layers'
   rope_dim(m)                how many dims of a head rotate
-  apply(p, x_BTD, cos, sin, mask_B1TS, cfg, cache, start_B, absorbed)
+  apply(p, x_BTD, cos, sin, mask_B1TS, spec, cache, start_B, absorbed)
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fmjax import config as config_lib
 from fmjax.nn import layers, rope
 from fmjax.nn.params import Param, normal, zeros
 from fmjax.nn.sharding import constrain
+from fmjax.nn.spec import head_dim
 
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
 
 
 def decls(m) -> dict:
-  D, L, N, K, H = m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, config_lib.head_dim(m)
+  D, L, N, K, H = m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, head_dim(m)
   std, out_std = m.init_std, m.init_std / math.sqrt(2 * L)
   return {
       "wq": Param((L, D, N, H), ("layers", "embed", "heads", "head_dim"), normal(std)),
@@ -38,16 +38,16 @@ def decls(m) -> dict:
 
 
 def cache_decls(m, batch: int, length: int) -> dict:
-  shape = (m.n_layers, batch, length, m.n_kv_heads, config_lib.head_dim(m))
+  shape = (m.n_layers, batch, length, m.n_kv_heads, head_dim(m))
   dtype = jnp.dtype(m.dtype)
   return {"k": Param(shape, CACHE_AXES, zeros, dtype), "v": Param(shape, CACHE_AXES, zeros, dtype)}
 
 
 def rope_dim(m) -> int:
-  return config_lib.head_dim(m)
+  return head_dim(m)
 
 
-def apply(p, x_BTD, cos, sin, mask_B1TS, cfg, cache=None, start_B=None, absorbed=False):
+def apply(p, x_BTD, cos, sin, mask_B1TS, spec, cache=None, start_B=None, absorbed=False):
   """Attention output (B, T, D), and the cache with this step's keys and values.
 
   Without a cache, queries attend to the T keys of `x_BTD` under `mask_B1TS`
@@ -56,7 +56,7 @@ def apply(p, x_BTD, cos, sin, mask_B1TS, cfg, cache=None, start_B=None, absorbed
   `mask_B1TS` (B, 1, T, S). GQA has no absorbed form; `absorbed` is ignored.
   """
   del absorbed
-  m, rules = cfg.model, cfg.sharding.activations
+  m, rules = spec.model, spec.activations
   dt = x_BTD.dtype
   q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, p["wq"].astype(dt))
   k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, p["wk"].astype(dt))

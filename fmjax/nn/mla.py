@@ -74,9 +74,9 @@ def softmax_scale(m) -> float:
       m.rope_scaling)
 
 
-def queries(p, x_BTD, cos, sin, cfg):
+def queries(p, x_BTD, cos, sin, spec):
   """q_nope (B, T, N, dn) and the rotated q_rope (B, T, N, R)."""
-  m, rules = cfg.model, cfg.sharding.activations
+  m, rules = spec.model, spec.activations
   dt = x_BTD.dtype
   if m.q_lora_rank:
     cq_BTQ = jnp.einsum("btd,dq->btq", x_BTD, p["wq_a"].astype(dt))
@@ -89,9 +89,9 @@ def queries(p, x_BTD, cos, sin, cfg):
   return q_BTNH[..., :dn], rope.apply(q_BTNH[..., dn:], cos, sin)
 
 
-def latents(p, x_BTD, cos, sin, cfg):
+def latents(p, x_BTD, cos, sin, spec):
   """The normed latent c (B, T, C) and the rotated shared key k_rope (B, T, R)."""
-  m, rules = cfg.model, cfg.sharding.activations
+  m, rules = spec.model, spec.activations
   kv_BTc = jnp.einsum("btd,dc->btc", x_BTD, p["wkv_a"].astype(x_BTD.dtype))
   kv_BTc = constrain(kv_BTc, ("batch", "seq", "kv_lora"), rules)
   C = m.kv_lora_rank
@@ -100,9 +100,9 @@ def latents(p, x_BTD, cos, sin, cfg):
   return c_BTC, k_rope_BTR
 
 
-def attend_expanded(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, cfg):
+def attend_expanded(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, spec):
   """Attention with keys and values expanded from the latent: (B, T, N, dv)."""
-  m, rules = cfg.model, cfg.sharding.activations
+  m, rules = spec.model, spec.activations
   dt, dn = c_BSC.dtype, m.qk_nope_head_dim
   wkv_b_CNh = p["wkv_b"].astype(dt)
   k_nope_BSNd = jnp.einsum("bsc,cnd->bsnd", c_BSC, wkv_b_CNh[..., :dn])
@@ -115,13 +115,13 @@ def attend_expanded(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, c
   return layers.attention(q_BTNH, k_BSNH, v_BSNG, mask_B1TS, softmax_scale(m))
 
 
-def attend_absorbed(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, cfg):
+def attend_absorbed(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, spec):
   """The same attention computed in latent space: (B, T, N, dv).
 
   q.k = (q_nope wkv_b^k) . c + q_rope . k_rope, and p.v = (p.c) wkv_b^v, so this
   is multi-query attention with one key [c, k_rope] and one value c per slot.
   """
-  m = cfg.model
+  m = spec.model
   dt, dn = c_BSC.dtype, m.qk_nope_head_dim
   wkv_b_CNh = p["wkv_b"].astype(dt)
   q_lat_BTNC = jnp.einsum("btnd,cnd->btnc", q_nope_BTNd, wkv_b_CNh[..., :dn])
@@ -131,7 +131,7 @@ def attend_absorbed(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, c
   return jnp.einsum("btnc,cng->btng", o_lat_BTNC, wkv_b_CNh[..., dn:])
 
 
-def apply(p, x_BTD, cos, sin, mask_B1TS, cfg, cache=None, start_B=None, absorbed=False):
+def apply(p, x_BTD, cos, sin, mask_B1TS, spec, cache=None, start_B=None, absorbed=False):
   """Attention output (B, T, D), and the cache with this step's latents.
 
   Without a cache, queries attend to the T latents of `x_BTD` under
@@ -139,9 +139,9 @@ def apply(p, x_BTD, cos, sin, mask_B1TS, cfg, cache=None, start_B=None, absorbed
   start_B[b] + [0, T) and queries attend to all S slots (mask (B, 1, T, S)).
   `absorbed` picks the latent-space form; both give the same numbers.
   """
-  rules = cfg.sharding.activations
-  q_nope_BTNd, q_rope_BTNR = queries(p, x_BTD, cos, sin, cfg)
-  c_BSC, k_rope_BSR = latents(p, x_BTD, cos, sin, cfg)
+  rules = spec.activations
+  q_nope_BTNd, q_rope_BTNR = queries(p, x_BTD, cos, sin, spec)
+  c_BSC, k_rope_BSR = latents(p, x_BTD, cos, sin, spec)
   if cache is not None:
     cache = {"latent": layers.write_rows(cache["latent"], c_BSC, start_B),
              "k_rope": layers.write_rows(cache["k_rope"], k_rope_BSR, start_B)}
@@ -149,6 +149,6 @@ def apply(p, x_BTD, cos, sin, mask_B1TS, cfg, cache=None, start_B=None, absorbed
              "k_rope": constrain(cache["k_rope"], ("batch", "seq", "head_dim"), rules)}
     c_BSC, k_rope_BSR = cache["latent"].astype(x_BTD.dtype), cache["k_rope"].astype(x_BTD.dtype)
   attend = attend_absorbed if absorbed else attend_expanded
-  o_BTNG = attend(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, cfg)
+  o_BTNG = attend(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, spec)
   return jnp.einsum("btng,ngd->btd", o_BTNG, p["wo"].astype(x_BTD.dtype)), cache
 

@@ -1,7 +1,7 @@
 """The dense feed-forward block: SwiGLU.
 
 A block's MLP is a module with `decls(m)` (per-layer parameters, stacked
-along 'layers') and `apply(p, x_BTD, cfg)`; a mixture of experts is another.
+along 'layers') and `apply(p, x_BTD, spec)`; a mixture of experts is another.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def decls(m) -> dict:
   }
 
 
-def apply(p, x_BTD, cfg):
-  del cfg
+def apply(p, x_BTD, spec):
+  del spec
   dt = x_BTD.dtype
   return layers.swiglu(x_BTD, p["w_gate"].astype(dt), p["w_up"].astype(dt),
                        p["w_down"].astype(dt))

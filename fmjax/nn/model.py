@@ -10,8 +10,8 @@ layers `layer_kinds` says: those stack under params['moe_layers'], the dense
 ones under params['layers'] (a dense model's tree is only that), and
 consecutive layers of one kind run as one scan over a slice of their stack.
 
-`cfg` is the experiment config: the model reads `cfg.model` and pins its
-activations with the rules in `cfg.sharding.activations`.
+Every function takes a `ModelSpec` (fmjax/nn/spec.py): the model reads
+`spec.model` and pins its activations with the rules in `spec.activations`.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def _run_stacks(make_block, x_BTD, stacks, m):
                  for k, y in ys.items()}
 
 
-def embed(params, tokens_BT, cfg) -> jax.Array:
-  m, rules = cfg.model, cfg.sharding.activations
+def embed(params, tokens_BT, spec) -> jax.Array:
+  m, rules = spec.model, spec.activations
   with jax.named_scope("embed"):
     # Gather the table whole first (as FSDP does for every weight): a lookup
     # into a vocab-sharded table is not something the partitioner does well.
@@ -122,16 +122,16 @@ def embed(params, tokens_BT, cfg) -> jax.Array:
     return constrain(x_BTD, ("batch", "seq", "embed"), rules)
 
 
-def trunk(params, x_BTD, segment_ids_BT, positions_BT, cfg):
+def trunk(params, x_BTD, segment_ids_BT, positions_BT, spec):
   """Runs the layers over embeddings: hidden states (B, T, D) before the final norm,
   and the MoE layers' statistics (fmjax.nn.moe.STATS, stacked over MoE layers; {} if none)."""
-  m = cfg.model
+  m = spec.model
   cos, sin = block_lib.rope_angles(positions_BT, m)
   mask_B1TT = layers.attention_mask(segment_ids_BT)
 
   def make_block(kind):
     def block(x_BTD, p):
-      x_BTD, _, stats = block_lib.apply(x_BTD, p, cos, sin, mask_B1TT, cfg, kind)
+      x_BTD, _, stats = block_lib.apply(x_BTD, p, cos, sin, mask_B1TT, spec, kind)
       return x_BTD, stats
 
     if m.remat != "none":
@@ -143,16 +143,16 @@ def trunk(params, x_BTD, segment_ids_BT, positions_BT, cfg):
   return x_BTD, ys.get("moe", {})
 
 
-def final_norm(params, x_BTD, cfg):
-  return layers.rms_norm(x_BTD, params["final_norm"], cfg.model.norm_eps)
+def final_norm(params, x_BTD, spec):
+  return layers.rms_norm(x_BTD, params["final_norm"], spec.model.norm_eps)
 
 
-def decode(params, x_BTD, segment_ids_BT, positions_BT, cfg) -> jax.Array:
+def decode(params, x_BTD, segment_ids_BT, positions_BT, spec) -> jax.Array:
   """Runs the layers and the final norm over embeddings: hidden states (B, T, D)."""
-  return final_norm(params, trunk(params, x_BTD, segment_ids_BT, positions_BT, cfg)[0], cfg)
+  return final_norm(params, trunk(params, x_BTD, segment_ids_BT, positions_BT, spec)[0], spec)
 
 
-def decode_cached(params, x_BTD, start_B, cache, cfg, absorbed=False):
+def decode_cached(params, x_BTD, start_B, cache, spec, absorbed=False):
   """Hidden states (B, T, D) of T new tokens per row, and the updated cache.
 
   Row b's new tokens sit at positions start_B[b] + [0, T); they are written
@@ -160,7 +160,7 @@ def decode_cached(params, x_BTD, start_B, cache, cfg, absorbed=False):
   position, so a row's earlier slots must hold its earlier tokens. Slots past
   a position are masked, whatever they hold (padding, stale entries).
   """
-  m = cfg.model
+  m = spec.model
   positions_BT = start_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=start_B.dtype)
   cos, sin = block_lib.rope_angles(positions_BT, m)
   num_slots = jax.tree.leaves(cache)[0].shape[2]
@@ -169,7 +169,7 @@ def decode_cached(params, x_BTD, start_B, cache, cfg, absorbed=False):
   def make_block(kind):
     def block(x_BTD, layer):
       p, c = layer
-      x_BTD, c, _ = block_lib.apply(x_BTD, p, cos, sin, mask_B1TS, cfg, kind, c, start_B,
+      x_BTD, c, _ = block_lib.apply(x_BTD, p, cos, sin, mask_B1TS, spec, kind, c, start_B,
                                     absorbed)
       return x_BTD, c
     return block
@@ -179,12 +179,12 @@ def decode_cached(params, x_BTD, start_B, cache, cfg, absorbed=False):
   stacks = {k: (params[STACKS[k]], caches[k]) for k in kinds}
   x_BTD, caches = _run_stacks(make_block, x_BTD, stacks, m)
   cache = caches["dense"] if list(kinds) == ["dense"] else {STACKS[k]: c for k, c in caches.items()}
-  return final_norm(params, x_BTD, cfg), cache
+  return final_norm(params, x_BTD, spec), cache
 
 
-def unembed(params, h_BTD, cfg) -> jax.Array:
+def unembed(params, h_BTD, spec) -> jax.Array:
   """Logits (B, T, V) in float32."""
-  m, rules = cfg.model, cfg.sharding.activations
+  m, rules = spec.model, spec.activations
   with jax.named_scope("unembed"):
     w_DV = params["embed"].T if m.tie_embeddings else params["unembed"]
     logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(h_BTD.dtype),
@@ -192,13 +192,13 @@ def unembed(params, h_BTD, cfg) -> jax.Array:
     return constrain(logits_BTV, ("batch", "seq", "vocab"), rules)
 
 
-def forward(params, tokens_BT, segment_ids_BT, positions_BT, cfg) -> jax.Array:
+def forward(params, tokens_BT, segment_ids_BT, positions_BT, spec) -> jax.Array:
   """Next-token logits (B, T, V) in float32."""
-  x_BTD = embed(params, tokens_BT, cfg)
-  return unembed(params, decode(params, x_BTD, segment_ids_BT, positions_BT, cfg), cfg)
+  x_BTD = embed(params, tokens_BT, spec)
+  return unembed(params, decode(params, x_BTD, segment_ids_BT, positions_BT, spec), spec)
 
 
-def update_without_gradient(params, new_params, stats, ok, cfg):
+def update_without_gradient(params, new_params, stats, ok, spec):
   """Moves the parameters no gradient reaches, from a train step's statistics.
 
   That is the MoE router bias under aux-loss-free balancing (fmjax.nn.moe), kept
@@ -207,7 +207,7 @@ def update_without_gradient(params, new_params, stats, ok, cfg):
   """
   if "moe_layers" not in params:
     return new_params, {}
-  e = cfg.model.moe
+  e = spec.model.moe
   bias_LE = params["moe_layers"]["router_bias"]
   if e.balance == "aux_free":
     moved_LE = moe.update_bias(bias_LE, stats["moe_load"], e.bias_update_rate)

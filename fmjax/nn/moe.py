@@ -1,6 +1,6 @@
 """Mixture of experts: the MoE feed-forward block, its router and its load balancing.
 
-A block's MLP, like fmjax/nn/mlp.py (`decls(m)`, `apply(p, x_BTD, cfg)`), except
+A block's MLP, like fmjax/nn/mlp.py (`decls(m)`, `apply(p, x_BTD, spec)`), except
 that `apply` also returns the layer's routing statistics. For each token, with
 E routed experts (settings in `model.moe`, named as in DeepSeek-V3):
 
@@ -36,6 +36,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fmjax.nn import dispatch, layers
 from fmjax.nn.params import Param, normal, zeros
@@ -103,15 +104,15 @@ def balance_loss(scores_BTE, idx_BTK, scope: str):
   return jnp.mean(jnp.sum(f * jnp.mean(probs_BTE, axis=axes), axis=-1))
 
 
-def apply(p, x_BTD, cfg, dropless: bool | None = None):
+def apply(p, x_BTD, spec, dropless: bool | None = None):
   """The MoE block's output (B, T, D) and this layer's statistics (see STATS).
 
   `dropless` overrides model.moe.dispatch (decoding never drops tokens).
   """
-  e = cfg.model.moe
+  e = spec.model.moe
   logits_BTE, scores_BTE, idx_BTK, gates_BTK = route(p, x_BTD, e)
   y_BTD, dropped = dispatch.routed_experts(
-      x_BTD, idx_BTK, gates_BTK, (p["w_gate"], p["w_up"], p["w_down"]), cfg, dropless)
+      x_BTD, idx_BTK, gates_BTK, (p["w_gate"], p["w_up"], p["w_down"]), spec, dropless)
   if e.n_shared_experts:
     dt = x_BTD.dtype
     y_BTD = y_BTD + layers.swiglu(x_BTD, p["shared_gate"].astype(dt),
@@ -126,14 +127,14 @@ def apply(p, x_BTD, cfg, dropless: bool | None = None):
   return y_BTD, stats
 
 
-def add_losses(loss, stats, moe_stats, cfg):
+def add_losses(loss, stats, moe_stats, spec):
   """Adds the balancing losses of all MoE layers to an objective's sums.
 
   Objectives return sums over tokens, so each per-step mean is weighted by
   the step's `tokens`. `moe_stats` holds each STATS entry stacked over the MoE
   layers; the statistics gain moe_* entries (sums, so microbatches add up).
   """
-  e = cfg.model.moe
+  e = spec.model.moe
   tokens = stats["tokens"]
   aux = jnp.sum(moe_stats["aux"]) * tokens
   router_z = jnp.sum(moe_stats["router_z"]) * tokens
@@ -152,8 +153,6 @@ def update_bias(bias_LE, load_LE, rate: float):
 
 def summarize(stats) -> dict:
   """Record fields from a step's fetched statistics (none for a dense model)."""
-  import numpy as np
-
   if "moe_load" not in stats:
     return {}
   n = max(float(stats["tokens"]), 1.0)

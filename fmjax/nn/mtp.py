@@ -43,14 +43,14 @@ def _shift(x_BT, k: int):
   return jnp.concatenate([x_BT[:, k:], pad], axis=1)
 
 
-def add_loss(loss, stats, params, x_BTD, embeddings_BTD, batch, weights_BT, cfg, unembed,
+def add_loss(loss, stats, params, x_BTD, embeddings_BTD, batch, weights_BT, spec, unembed,
              cross_entropy_sums):
   """Adds the MTP loss to an objective's sums; stats gain `mtp_nll` (summed over depths).
 
   `x_BTD` is the main model's last hidden state before the final norm,
   `embeddings_BTD` its input embeddings, `weights_BT` the next-token weights.
   """
-  m = cfg.model
+  m = spec.model
   p_all = params["mtp"]
   tokens_BT = batch["tokens"]
   cos, sin = block.rope_angles(batch["positions"], m)
@@ -65,7 +65,7 @@ def add_loss(loss, stats, params, x_BTD, embeddings_BTD, batch, weights_BT, cfg,
                                  layers.rms_norm(e_BTD, p["enorm"], m.norm_eps)], axis=-1)
     h_BTD = jnp.einsum("btc,cd->btd", both_BT2D, p["proj"].astype(both_BT2D.dtype))
     with jax.named_scope(f"mtp{k}"):
-      h_BTD, _, _ = block.apply(h_BTD, p["block"], cos, sin, mask_B1TT, cfg, "dense")
+      h_BTD, _, _ = block.apply(h_BTD, p["block"], cos, sin, mask_B1TT, spec, "dense")
     weights_k_BT = weights_k_BT * _shift(weights_BT, k)
     logits_BTV = unembed(layers.rms_norm(h_BTD, p["norm"], m.norm_eps))
     _, s = cross_entropy_sums(logits_BTV, _shift(tokens_BT, k + 1), weights_k_BT, 0.0)

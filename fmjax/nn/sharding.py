@@ -14,16 +14,46 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fmjax import config as config_lib
-from fmjax.config import ConfigError, MESH_AXES
+from fmjax.errors import ConfigError
 
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = Mapping[str, str]  # logical axis -> "mesh_axis[,mesh_axis...]"
+
+
+def parse_axes(value: str) -> tuple[str, ...]:
+  """'data,fsdp' -> ('data', 'fsdp'); '' -> ()."""
+  return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
+  """Resolves the -1 entry of the mesh config against the device count."""
+  sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+  if bad:
+    raise ConfigError(f"mesh.{bad[0]}={sizes[bad[0]]}: axis sizes must be >= 1, "
+                      "or -1 for 'the rest of the devices'")
+  if len(free) > 1:
+    raise ConfigError(f"mesh: only one axis may be -1, got {', '.join(free)}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if n_devices % fixed:
+      raise ConfigError(
+          f"mesh: fixed axes multiply to {fixed}, which does not divide the "
+          f"{n_devices} devices; change mesh.* so their product divides {n_devices}")
+    sizes[free[0]] = n_devices // fixed
+  elif fixed != n_devices:
+    shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
+    raise ConfigError(
+        f"mesh {shape} needs {fixed} devices but {n_devices} are present; "
+        "set one axis to -1 or make the product equal the device count")
+  return sizes
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A mesh over `devices` (default: all) with axes data, fsdp, expert, tensor."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = config_lib.mesh_shape(mesh_cfg, len(devices))
+  shape = mesh_shape(mesh_cfg, len(devices))
   return jax.make_mesh(
       tuple(shape[a] for a in MESH_AXES), MESH_AXES,
       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
@@ -42,7 +72,7 @@ def spec(logical_axes: Sequence[str | None], rules: Rules, name: str = "tensor")
       raise ConfigError(
           f"{name}: logical axis {logical!r} has no sharding rule; add it to the "
           "config's sharding rules")
-    mesh_axes = config_lib.parse_axes(rules[logical])
+    mesh_axes = parse_axes(rules[logical])
     for a in mesh_axes:
       if a in used:
         raise ConfigError(

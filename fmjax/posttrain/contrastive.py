@@ -45,11 +45,10 @@ def head_decls(cfg) -> dict:
   return out
 
 
-def embed(params, tokens_BT, segment_ids_BT, positions_BT, cfg) -> jax.Array:
+def embed(params, tokens_BT, segment_ids_BT, positions_BT, spec, c) -> jax.Array:
   """L2-normalised embeddings (B, E) of one sequence per row, pooled over its tokens."""
-  c, rules = cfg.objective.contrastive, cfg.sharding.activations
-  h_BTD = model.decode(params, model.embed(params, tokens_BT, cfg), segment_ids_BT,
-                       positions_BT, cfg).astype(jnp.float32)
+  h_BTD = model.decode(params, model.embed(params, tokens_BT, spec), segment_ids_BT,
+                       positions_BT, spec).astype(jnp.float32)
   mask_BT = (segment_ids_BT != 0).astype(jnp.float32)
   if c.pooling == "mean":
     e_BD = jnp.sum(h_BTD * mask_BT[..., None], axis=1) / jnp.maximum(
@@ -59,13 +58,13 @@ def embed(params, tokens_BT, segment_ids_BT, positions_BT, cfg) -> jax.Array:
     e_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
   if "projection" in params["head"]:
     e_BD = e_BD @ params["head"]["projection"]
-  e_BD = constrain(e_BD, ("batch", None), rules)
+  e_BD = constrain(e_BD, ("batch", None), spec.activations)
   return e_BD * jax.lax.rsqrt(jnp.maximum(jnp.sum(e_BD**2, axis=-1, keepdims=True), 1e-12))
 
 
-def logit_scale(params, cfg) -> jax.Array:
+def logit_scale(params, c) -> jax.Array:
   return jnp.minimum(params["head"]["logit_scale"],
-                     math.log(cfg.objective.contrastive.max_logit_scale))
+                     math.log(c.max_logit_scale))
 
 
 def info_nce(a_BE, p_BE, scale, symmetric: bool):
@@ -78,12 +77,13 @@ def info_nce(a_BE, p_BE, scale, symmetric: bool):
   return loss_B, logits_BB
 
 
-def contrastive(params, batch, cfg):
+def contrastive(params, batch, spec, o):
   """InfoNCE over the global batch: summed loss and statistics (sums over pairs)."""
   a_BE, p_BE = (embed(params, batch[f"{side}_tokens"], batch[f"{side}_segment_ids"],
-                      batch[f"{side}_positions"], cfg) for side in ("anchor", "positive"))
-  scale = logit_scale(params, cfg)
-  loss_B, logits_BB = info_nce(a_BE, p_BE, scale, cfg.objective.contrastive.symmetric)
+                      batch[f"{side}_positions"], spec, o.contrastive)
+              for side in ("anchor", "positive"))
+  scale = logit_scale(params, o.contrastive)
+  loss_B, logits_BB = info_nce(a_BE, p_BE, scale, o.contrastive.symmetric)
   B = logits_BB.shape[0]
   # Rank of each anchor's positive among all B candidates (0 = retrieved first).
   rank_B = jnp.sum(logits_BB > jnp.diagonal(logits_BB)[:, None], axis=1)

@@ -37,22 +37,22 @@ SIDES = ("chosen", "rejected")
 REF_KEYS = tuple(f"{side}_ref_logps" for side in SIDES)
 
 
-def sequence_logps(params, tokens_BT, segment_ids_BT, positions_BT, loss_mask_BT, cfg):
+def sequence_logps(params, tokens_BT, segment_ids_BT, positions_BT, loss_mask_BT, spec):
   """log p(response | prompt) per row (B,): log-probs summed where loss_mask is 1."""
-  logits_BTV = model.forward(params, tokens_BT, segment_ids_BT, positions_BT, cfg)
+  logits_BTV = model.forward(params, tokens_BT, segment_ids_BT, positions_BT, spec)
   targets_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros_like(tokens_BT[:, :1])], axis=1)
   logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
   logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
   return jnp.sum(logp_BT * loss_mask_BT.astype(jnp.float32), axis=1)
 
 
-def pair_logps(params, batch, cfg):
+def pair_logps(params, batch, spec):
   """(chosen, rejected) log-probs (B,) of one pass over both sides stacked along the batch."""
   B = batch["chosen_tokens"].shape[0]
   cat = {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
          for k in ("tokens", "segment_ids", "positions", "loss_mask")}
   logps = sequence_logps(params, cat["tokens"], cat["segment_ids"], cat["positions"],
-                         cat["loss_mask"], cfg)
+                         cat["loss_mask"], spec)
   return logps[:B], logps[B:]
 
 
@@ -67,12 +67,12 @@ def losses(margin_B, d):
   return jax.nn.relu(1.0 - h_B)  # hinge
 
 
-def dpo(params, batch, cfg, reference=None):
+def dpo(params, batch, spec, o, reference=None):
   """DPO loss summed over the batch's pairs, and its statistics (sums over pairs)."""
-  d = cfg.objective.dpo
-  chosen_B, rejected_B = pair_logps(params, batch, cfg)
+  d = o.dpo
+  chosen_B, rejected_B = pair_logps(params, batch, spec)
   if reference is not None:
-    ref_c_B, ref_r_B = jax.lax.stop_gradient(pair_logps(reference, batch, cfg))
+    ref_c_B, ref_r_B = jax.lax.stop_gradient(pair_logps(reference, batch, spec))
   else:
     ref_c_B, ref_r_B = (batch[k][:, 0] for k in REF_KEYS)
   reward_c_B = d.beta * (chosen_B - ref_c_B)

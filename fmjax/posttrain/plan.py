@@ -1,29 +1,21 @@
-"""What a run's objective adds to the model: parameters, what is trained, inputs.
+"""What a run's objective adds to the model: parameters, and which of them are trained.
 
 - Parameters: the model's (fmjax.nn.model.param_decls), plus a contrastive
   `head` for objective 'contrastive' and LoRA adapters under `lora` when
   lora.rank > 0. All are declared as `Param`s, so they are created and
   sharded like the model's; a run that starts from another run's checkpoint
-  (checkpoint.init_from) restores the model's and initialises these.
+  (checkpoint.init_from) restores the model's and initialises these
+  (fmjax.train.reference).
 - Trained: every parameter; with LoRA, only the added ones (adapters, head).
   The optimizer sees the trained subtree only, so frozen weights have neither
   gradients nor optimizer state.
-- Inputs: the data of the objective (the data.mixture for next_token, the
-  task datasets otherwise) and its frozen inputs: DPO's reference
-  parameters, restored sharded like the policy's (or, with
-  objective.dpo.precompute_reference, used once to attach reference
-  log-probabilities to every example and then dropped).
+- Frozen inputs: DPO's reference parameters (fmjax.train.reference).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
-
-import jax
-
-from fmjax.posttrain import contrastive, dpo, lora
 from fmjax.nn import model
+from fmjax.posttrain import contrastive, lora
 
 ADDED = ("head", "lora")  # top-level entries that post-training adds to the model's
 
@@ -42,15 +34,20 @@ def is_trained(cfg, top_level_key: str) -> bool:
   return not cfg.lora.rank or top_level_key in ADDED
 
 
-def split(cfg, tree) -> tuple[dict, dict]:
+def split(tree, trained_keys) -> tuple[dict, dict]:
   """(trained, frozen) top-level entries of a parameter tree (or of anything shaped like one)."""
-  trained = {k: v for k, v in tree.items() if is_trained(cfg, k)}
+  trained = {k: v for k, v in tree.items() if k in trained_keys}
   return trained, {k: v for k, v in tree.items() if k not in trained}
 
 
 def model_params(params, cfg):
   """What the model reads: the parameters with the LoRA adapters merged in."""
   return lora.merge(params, cfg.lora)
+
+
+def model_shardings(param_shardings):
+  """The model's entries of a parameter tree: without those post-training adds."""
+  return {k: v for k, v in param_shardings.items() if k not in ADDED}
 
 
 def reference_path(cfg) -> str:
@@ -60,109 +57,3 @@ def reference_path(cfg) -> str:
 def needs_reference(cfg) -> bool:
   """Whether the train step takes the DPO reference's parameters as an input."""
   return cfg.objective.name == "dpo" and not cfg.objective.dpo.precompute_reference
-
-
-def restore_params(path: str, abstract_params, m=None):
-  """The entries of `abstract_params` that the latest checkpoint under `path` holds,
-  restored onto their shardings; entries post-training adds may be missing (they are
-  initialised). Raises ConfigError if a model entry is missing, or if the checkpoint
-  holds LoRA adapters that this run would drop."""
-  from fmjax.train import checkpoint
-  from fmjax.hf import formats as hf
-  from fmjax.config import ConfigError
-  if hf.is_hf_dir(path):  # a Hugging Face model holds the model's entries, never adapters
-    return checkpoint.restore_params(path, model_shardings(abstract_params), m)
-  saved = checkpoint.saved_param_keys(path)
-  missing = [k for k in abstract_params if k not in saved and k not in ADDED]
-  if missing:
-    raise ConfigError(f"checkpoint {path} has no parameters {', '.join(missing)}: it was "
-                      "trained with another model config")
-  if "lora" in saved and "lora" not in abstract_params:
-    raise ConfigError(f"checkpoint {path} holds LoRA adapters; merge them into its weights "
-                      f"first: python -m fmjax.export --workdir={path} --out=DIR")
-  return checkpoint.restore_params(
-      path, {k: v for k, v in abstract_params.items() if k in saved}, m)
-
-
-def model_shardings(param_shardings):
-  return {k: v for k, v in param_shardings.items() if k not in ADDED}
-
-
-def load_reference(cfg, param_shardings):
-  """The reference's model parameters from the latest checkpoint of its workdir, sharded
-  like the policy's (`param_shardings`): no device ever holds all of them."""
-  from fmjax.nn import params as params_lib
-  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          params_lib.abstract(model.param_decls(cfg.model)),
-                          model_shardings(param_shardings))
-  return restore_params(reference_path(cfg), abstract)
-
-
-def frozen_inputs(s, tokenizer, train_ds, held_out: list):
-  """(train dataset, held-out batches, frozen inputs of the step) of setup `s`'s objective.
-
-  DPO loads its reference here. With objective.dpo.precompute_reference, the
-  reference's log-probabilities of every train example (one pass over
-  data.task_size examples) and held-out example are computed once, attached
-  to their batches, and the reference is dropped.
-  """
-  cfg = s.cfg
-  if cfg.objective.name != "dpo":
-    return train_ds, held_out, {}
-  reference = load_reference(cfg, s.state_shardings["params"])
-  if not cfg.objective.dpo.precompute_reference:
-    return train_ds, held_out, {"reference": reference}
-  from fmjax.train import state as train
-  from fmjax.data import task_batches
-  logps = jax.jit(lambda p, b: dpo.pair_logps(p, b, cfg),
-                  in_shardings=(model_shardings(s.state_shardings["params"]), s.batch_sharding))
-  batch_size, d = cfg.train.batch_size, cfg.data
-  one_pass = task_batches.dpo_batches(tokenizer, "train", seq_len=d.seq_len,
-                                      batch_size=batch_size, seed=d.seed,
-                                      size=d.task_size or None, one_pass=True)
-  with jax.set_mesh(s.mesh):
-    table = dpo.precompute(
-        lambda b: logps(reference, train.global_batch(b, s.batch_sharding)),
-        itertools.chain(one_pass, held_out), batch_size)
-  attach = dpo.AttachReference(table)
-  return train_ds.map(attach), [attach.map(b) for b in held_out], {}
-
-
-def datasets(cfg, tokenizer, *, batch_size: int, rows: tuple[int, int], shards: int,
-             process_count: int = 1, batch_shards: int = 1):
-  """(train dataset, held-out batches) of the objective: rows [start, stop) of each
-  global batch of `batch_size` rows (`rows` and `shards` as in
-  fmjax.data.pipeline.host_train_dataset).
-
-  next_token reads data.mixture (fmjax.data.pipeline); sft, dpo and
-  contrastive read the task datasets (fmjax.data.task_batches). Contrastive
-  holds out one batch of every validation pair (cut to a multiple of
-  `batch_shards`), so its held-out accuracy is recall@1 over all of them.
-  """
-  from fmjax.data import pipeline, task_batches
-  d, name = cfg.data, cfg.objective.name
-  if name == "next_token":
-    held_out = pipeline.eval_batches(d, tokenizer, batch_size=batch_size,
-                                     num_batches=d.eval_batches)
-    return (pipeline.host_train_dataset(d, tokenizer, batch_size=batch_size, rows=rows,
-                                        shards=shards),
-            [{k: v[rows[0]:rows[1]] for k, v in b.items()} for b in held_out])
-  if process_count > 1:
-    from fmjax.config import ConfigError
-    raise ConfigError(f"objective.name={name!r} reads task data on one host only so far; "
-                      f"run it on one host, not {process_count}")
-  size = d.task_size or None
-  if name == "contrastive":
-    data_dir = os.path.expanduser(d.data_dir)
-    train = task_batches.contrastive_batches(tokenizer, data_dir, "train", seq_len=d.seq_len,
-                                             batch_size=batch_size, seed=d.seed)
-    pairs = len(task_batches.tasks.PassagePairs(data_dir, "validation", d.seed))
-    whole = pairs - pairs % batch_shards
-    held_out = list(task_batches.contrastive_batches(
-        tokenizer, data_dir, "validation", seq_len=d.seq_len, batch_size=whole, seed=d.seed))
-    return train, held_out
-  make = task_batches.sft_batches if name == "sft" else task_batches.dpo_batches
-  train = make(tokenizer, "train", seq_len=d.seq_len, batch_size=batch_size, seed=d.seed,
-               size=size)
-  held_out = make(tokenizer, "validation", seq_len=d.seq_len, batch_size=batch_size, seed=d.seed)
-  return train, list(itertools.islice(held_out, d.eval_batches if d.eval_batches > 0 else None))

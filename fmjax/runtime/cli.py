@@ -1,7 +1,8 @@
 """What every fmjax command shares: the --config flag and starting jax for it.
 
-  cfg = cli.parse_config(argv)        # flags -> config, or a one-line UsageError
-  cfg, n_devices = cli.start_jax(cfg) # XLA flags, fake CPU devices, sizing, validation
+  cfg = cli.parse_config(argv)   # flags -> config, or a one-line UsageError
+  n_devices = cli.start_jax(cfg) # XLA flags, fake CPU devices, other processes
+  cfg = validate.resolve(cfg, n_devices)  # the size dial and horizon, then every check
 
 Commands define their own extra flags with absl and read them after
 `parse_flags`. jax is imported only in `start_jax`: the number of fake CPU
@@ -15,7 +16,8 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from fmjax.runtime import distributed  # noqa: F401  (defines the multi-process flags every command takes)
+from fmjax.runtime import distributed  # also defines the multi-process flags every command takes
+from fmjax.runtime import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file, e.g. experiments/pretrain_tiny.py[:arg].")
@@ -61,29 +63,19 @@ def parse_config(argv):
   return load_config()
 
 
-def start_jax(cfg):
-  """Starts jax for `cfg` and checks the config; returns (resolved config, device count).
+def start_jax(cfg) -> int:
+  """Starts jax for `cfg`; returns the number of devices.
 
-  Sets the accelerator's XLA flags (fmjax.runtime.xla_flags), joins the run's other
-  processes if there are any (fmjax.runtime.distributed) and, if the config asks for
-  it, sets the number of fake CPU devices (of this process); then writes out
-  the size dial and the training horizon (fmjax.scaling.sizing) and validates. Raises
-  ConfigError on a bad config or bad multi-process settings.
+  Sets the accelerator's XLA flags (fmjax.runtime.xla_flags), joins the run's
+  other processes if there are any (fmjax.runtime.distributed) and, if the
+  config asks for it, sets the number of fake CPU devices (of this process).
+  The command then resolves and checks the config (fmjax.validate.resolve).
+  Raises ConfigError on bad multi-process settings.
   """
-  from fmjax.runtime import xla_flags
-
   platform = xla_flags.apply()
-  import jax
-
-  from fmjax import config as config_lib
-  from fmjax.runtime import distributed
-  from fmjax.scaling import sizing
+  import jax  # backends start after the XLA flags are set
 
   distributed.initialize(platform)
-
   if cfg.get("mesh") and cfg.mesh.get("cpu_devices"):
     jax.config.update("jax_num_cpu_devices", int(cfg.mesh.cpu_devices))
-  n = jax.device_count()
-  cfg = sizing.resolve(cfg)
-  config_lib.validate(cfg, n)
-  return cfg, n
+  return jax.device_count()

@@ -15,16 +15,18 @@ the runtime is up). jax's own preemption service is turned off: SIGTERM is
 fmjax.train.preemption's, which works the same with one process or many.
 
 `host_rows` says which rows of a global batch this process feeds, from the
-batch sharding: the data pipeline reads exactly those.
+batch sharding: the data pipeline reads exactly those; `global_batch` makes
+the global arrays of those rows.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 from absl import flags
 
-from fmjax.config import ConfigError
+from fmjax.errors import ConfigError
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0's coordinator, for a run of several "
@@ -62,7 +64,7 @@ def initialize(platform: str, environ=os.environ) -> None:
 
   Raises ConfigError for settings that are incomplete or inconsistent.
   """
-  import jax
+  import jax  # here, not at the top: see global_batch
 
   address, count, index = settings(environ)
   given = [v is not None for v in (address, count, index)]
@@ -91,9 +93,9 @@ def wait_for_all(name: str) -> None:
   with a fixed, short timeout, so a process that starts late (process 0 alone
   opens TensorBoard, for one) must not be met there. `name` must be new each time.
   """
-  import jax
+  import jax  # here, not at the top: see global_batch
   if jax.process_count() > 1:
-    from orbax.checkpoint import multihost
+    from orbax.checkpoint import multihost  # only with several processes: slow to import
     multihost.sync_global_processes(name)
 
 
@@ -103,7 +105,7 @@ def host_rows(batch_sharding, batch_size: int) -> tuple[int, int]:
   Raises ConfigError if they are not one contiguous block (then no per-host
   data pipeline could feed them).
   """
-  import jax
+  import jax  # here, not at the top: see global_batch
 
   covered = set()
   for device, index in batch_sharding.devices_indices_map((batch_size, 1)).items():
@@ -116,3 +118,13 @@ def host_rows(batch_sharding, batch_size: int) -> tuple[int, int]:
         "batch; order the mesh so that sharding.activations.batch splits the batch over the "
         "processes first (mesh.data or mesh.fsdp a multiple of the process count)")
   return start, stop
+
+
+def global_batch(local_batch: dict, sharding) -> dict:
+  """Host-local numpy rows -> one global array per key, sharded over the batch axes."""
+  # jax is imported inside functions here: every command imports this module (for its
+  # flags) before host_malloc may restart the process, and importing jax takes a while.
+  import jax
+
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

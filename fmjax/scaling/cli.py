@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -15,7 +16,6 @@ from fmjax.scaling.fit import (PARAMETRIC_NAMES, columns, compare_entropy, fit_a
 
 
 def main(argv=None) -> int:
-  import argparse
   parser = argparse.ArgumentParser(prog="python -m fmjax.scaling",
                                    description="Fit scaling laws to a records table.")
   sub = parser.add_subparsers(dest="command", required=True)

@@ -33,9 +33,12 @@ import subprocess
 import sys
 import time
 
+import tqdm
+
 from fmjax import config as config_lib
 from fmjax.nn import cost
 from fmjax.scaling import sizing
+from fmjax.train import workdir as workdir_lib
 
 RECORDS = "records.jsonl"
 
@@ -137,8 +140,6 @@ def is_finished(member: Member, workdir: str) -> bool:
   fmjax.train.workdir.config_changes): updating fmjax in the middle of a sweep does
   not train its finished members again.
   """
-  from fmjax.train import workdir as workdir_lib
-  from fmjax.train.loop import config_hash
   run_dir = os.path.join(workdir, member.name)
   path = os.path.join(run_dir, "summary.json")
   if not os.path.exists(path):
@@ -147,7 +148,7 @@ def is_finished(member: Member, workdir: str) -> bool:
     summary = json.load(f)
   if summary.get("steps") != member.cfg.train.steps:
     return False
-  if summary.get("config_hash") == config_hash(member.cfg):
+  if summary.get("config_hash") == config_lib.config_hash(member.cfg):
     return True
   try:
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -204,7 +205,6 @@ def collect(members: list[Member], workdir: str) -> list[dict]:
 
 def run(path: str, workdir: str, members: list[Member] | None = None, progress=True) -> int:
   """Trains every unfinished member in turn; returns how many failed."""
-  import tqdm
   members = expand(path) if members is None else members
   todo = [m for m in members if not is_finished(m, workdir)]
   print(f"sweep: {len(members)} members, {len(members) - len(todo)} already finished, "

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from fmjax import config as config_lib
+from fmjax.hf import files as hf
 
 DIGEST = "fmjax_digest.json"
 
@@ -274,10 +275,9 @@ def check_init_from(path: str, m) -> None:
   """Raises a one-line ValueError or FileNotFoundError if `path` cannot start model `m`.
 
   `path` is an fmjax workdir (or its checkpoints/ directory), or a Hugging Face
-  directory (config.json and safetensors weights; see fmjax/hf/formats.py), which
+  directory (config.json and safetensors weights; see fmjax/hf/files.py), which
   must hold the model `m` describes.
   """
-  from fmjax.hf import formats as hf
   if hf.is_hf_dir(path):
     hf.check(path, m)
   else:
@@ -291,9 +291,8 @@ def restore_params(path: str, abstract_params, m=None, step: int | None = None):
   Only the parameters are read (not the optimizer state or the data position),
   so the checkpoint may come from a run with another optimizer or mesh; the
   parameter shapes must match. A Hugging Face directory is read with
-  fmjax.hf.formats (model config `m` needed).
+  fmjax.hf.files (model config `m` needed).
   """
-  from fmjax.hf import formats as hf
   if hf.is_hf_dir(path):
     return hf.load_params(os.path.expanduser(path), m, abstract_params)
   directory, latest = latest_checkpoint(path)

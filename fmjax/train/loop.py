@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import math
 import os
 import sys
@@ -26,23 +25,18 @@ import time
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
-from fmjax.train import checkpoint as checkpoint_lib
 from fmjax import config as config_lib
-from fmjax.nn import cost
-from fmjax.runtime import distributed
-from fmjax.train import guard as guard_lib, metrics as metrics_lib
-from fmjax.hf import formats as hf
-from fmjax.posttrain import plan as posttrain
-from fmjax.train import preemption, state as train
-from fmjax import sample
-from fmjax.nn import sharding
-from fmjax.train import workdir as workdir_lib
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
-
-
-def config_hash(cfg) -> str:
-  return hashlib.sha256(config_lib.to_json(cfg).encode()).hexdigest()[:12]
+from fmjax.hf.safetensors_files import FormatError
+from fmjax.nn import cost, decoding, sharding
+from fmjax.posttrain import plan
+from fmjax.runtime import distributed
+from fmjax.train import checkpoint as checkpoint_lib, datasets, reference
+from fmjax.train import guard as guard_lib, metrics as metrics_lib
+from fmjax.train import preemption, records, state as state_lib, step as step_lib
+from fmjax.train import workdir as workdir_lib
 
 
 class DataError(RuntimeError):
@@ -52,7 +46,7 @@ class DataError(RuntimeError):
 # What stops a run after its config passed: each with a one-line message.
 RUN_ERRORS = (DataError, workdir_lib.WorkdirLocked, checkpoint_lib.CheckpointError,
               checkpoint_lib.NonFiniteCheckpoint, guard_lib.NonFiniteError,
-              hf.FormatError)  # an init_from HF tensor found bad only when read (NaN)
+              FormatError)  # an init_from HF tensor found bad only when read (NaN)
 
 
 @contextlib.contextmanager
@@ -85,7 +79,7 @@ def run(cfg, workdir: str, allow_config_change: bool = False) -> dict:
 def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
   t, d = cfg.train, cfg.data
   mesh = sharding.make_mesh(cfg.mesh)
-  s = train.setup(cfg, mesh)  # raises ConfigError on a sharding that cannot work
+  s = state_lib.setup(cfg, mesh)  # raises ConfigError on a sharding that cannot work
   with _data_errors(os.path.expanduser(d.data_dir)):
     try:  # missing data, tokenizer or init checkpoint: an error before anything is written
       tok = tokenizer_lib.from_config(d, cfg.model.vocab_size)
@@ -94,17 +88,17 @@ def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
       if cfg.checkpoint.init_from:
         checkpoint_lib.check_init_from(cfg.checkpoint.init_from, cfg.model)
       if cfg.objective.name == "dpo":
-        checkpoint_lib.latest_checkpoint(posttrain.reference_path(cfg))
+        checkpoint_lib.latest_checkpoint(plan.reference_path(cfg))
       rows = distributed.host_rows(s.batch_sharding, t.batch_size)  # this process's rows
       shards = d.shards or jax.process_count()
       pipeline.host_shards(t.batch_size, rows, shards)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(str(e)) from None
-    train_ds, eval_data = posttrain.datasets(
+    train_ds, eval_data = datasets.datasets(
         cfg, tok, batch_size=t.batch_size, rows=rows, shards=shards,
         process_count=jax.process_count(), batch_shards=math.prod(
-            mesh.shape[a] for a in config_lib.parse_axes(cfg.sharding.activations.batch)))
-    train_ds, eval_data, frozen = posttrain.frozen_inputs(s, tok, train_ds, eval_data)
+            mesh.shape[a] for a in sharding.parse_axes(cfg.sharding.activations.batch)))
+    train_ds, eval_data, frozen = reference.frozen_inputs(s, tok, train_ds, eval_data)
     train_iter = iter(train_ds)
     _probe(train_iter)
 
@@ -116,8 +110,7 @@ def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
                                          async_save=cfg.checkpoint.async_save,
                                          cleanup=True) as ckpt:
     workdir_lib.check_config(workdir, cfg.to_dict(), allow_config_change)
-    return _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop,
-                  frozen)
+    return _train(cfg, workdir, s, tok, train_iter, eval_data, ckpt, started, stop, frozen)
 
 
 def _probe(iterator):
@@ -131,189 +124,236 @@ def _warn(message: str):
   print(message, file=sys.stderr, flush=True)
 
 
-def _train(cfg, workdir, s, mesh, tok, train_iter, eval_data, ckpt, started, stop,
-           frozen=None) -> dict:
-  t, d = cfg.train, cfg.data
-  is_main = jax.process_index() == 0
-  restored = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
-  if restored is None:
-    params = None
-    if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
-      params = posttrain.restore_params(cfg.checkpoint.init_from, s.abstract_state["params"],
-                                        cfg.model)
-    state, progress = train.init_state(s, t.seed, params), {}
-  else:
-    state, progress = restored.state, restored.progress
-    if is_main:
-      print(f"resuming from checkpoint {restored.step}", flush=True)
-  start = int(jax.device_get(state["step"]))
-  drawn = progress.get("batches", start)  # batches taken from train_iter, over all restarts
-  guard = guard_lib.Guard(t, progress.get("guard"))
-  poisoned = guard_lib.injected_nan_batches()
-
-  records_path = os.path.join(workdir, "metrics.jsonl")
-  if is_main:
-    train.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-    # records past the checkpoint came from a run that died; drop them
-    metrics_lib.truncate(records_path, start)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-
-  def save(step, force=False):
-    ckpt.save(step, state, train_iter, progress={"batches": drawn, "guard": guard.state()},
-              force=force)
-
-  if restored is None and t.nonfinite == "restore":
-    save(0)  # something to go back to
-
-  train_step = train.make_train_step(s, frozen or None)
-  eval_step = train.make_eval_step(s, frozen or None)
-  flops_per_token = cost.flops_per_token(cfg.model, d.seq_len)
-  peak, peak_source = cost.peak_flops(cfg.model.dtype)
-  tokens_per_step = t.batch_size * d.seq_len
-
-  bar = tqdm.tqdm(total=t.steps, initial=start, disable=not (is_main and t.progress),
-                  unit="step", dynamic_ncols=True)
-  pending = []  # [(step, batch number, metrics still on device)]: at most one
-  clock = [time.perf_counter()]
-  eval_loss = None
-  step_times = []
-
-  def flush():
-    """Fetches, checks and logs the pending step; its time is the wall time since the last one.
-
-    Returns the step's batch number if the guard asks to go back to the last
-    checkpoint, else None.
-    """
-    if not pending:
-      return None
-    step, number, on_device = pending.pop()
-    stats = jax.device_get(on_device)
-    now = time.perf_counter()
-    step_times.append(now - clock[0])
-    clock[0] = now
-    record = train.step_record(stats, step_times[-1], tokens_per_step, flops_per_token, peak)
-    try:
-      verdict = guard.check(step, record)
-    except guard_lib.NonFiniteError:
-      writer.write(step, record)
-      raise
-    record.update(verdict.record)
-    for message in verdict.messages if is_main else ():
-      bar.write(message)
-    if verdict.log or step % t.log_every == 0 or step == t.steps:
-      writer.write(step, record)
-    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                    refresh=False)
-    return number if verdict.restore else None
-
-  def go_back(bad_number):
-    """The last checkpoint's state, with train_iter past batch `bad_number`."""
-    pending.clear()
-    r = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
-    if r is None:
-      raise guard_lib.NonFiniteError(f"no checkpoint in {ckpt.directory} to go back to")
-    skip = bad_number - r.progress.get("batches", r.step)
-    for _ in range(skip):
-      next(train_iter)
-    if is_main:
-      metrics_lib.truncate(records_path, r.step)
-    writer.write(r.step, {"event": "nonfinite_restore", "skipped_batches": skip,
-                          "last_bad_batch": bad_number})
-    if is_main:
-      bar.write(f"restored checkpoint {r.step} and skipped {skip} batches")
-    bar.n = r.step
-    bar.refresh()
-    return r
-
+def _train(cfg, workdir, s, tok, train_iter, eval_data, ckpt, started, stop, frozen) -> dict:
+  """The steps, then the final evaluation, checkpoint, summary, plots and sample."""
+  run = _Run(cfg, workdir, s, train_iter, eval_data, ckpt, frozen)
   distributed.wait_for_all("fmjax_train_loop")  # no process meets the first collective late
-  with jax.set_mesh(mesh):
-    done, stopped = start, ""
-    while done < t.steps:
-      drawn += 1
-      batch = guard_lib.inject(next(train_iter), drawn, poisoned)
-      state, step_metrics = train_step(state, train.global_batch(batch, s.batch_sharding))
-      bad = flush()  # the previous step's metrics, while this one runs
-      done += 1
-      pending.append((done, drawn, step_metrics))
-      bar.update(1)
-      evaluate_now = t.eval_every and done % t.eval_every == 0 and done != t.steps
-      save_now = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps
-      if bad is None and (evaluate_now or save_now or done == t.steps):
-        bad = flush()
-      if bad is not None:
-        r = go_back(bad)
-        state, done, drawn = r.state, r.step, bad
-        guard = guard_lib.Guard(t, r.progress.get("guard"))
-        guard.restored()
-        clock[0] = time.perf_counter()
-        continue
-      stopped = stop.poll()  # every process, every step: they agree on the step to stop at
-      if stopped and done < t.steps:
-        flush()
-        save(done, force=True)
-        break
-      if evaluate_now:
-        eval_loss = _eval(s, eval_step, state, eval_data, writer, done, bar)
-        clock[0] = time.perf_counter()
-      if save_now:
-        save(done)
-        clock[0] = time.perf_counter()
-    bar.close()
-    if stopped and done < t.steps:
-      ckpt.wait()
-      writer.close()
-      if is_main:
-        print(f"stopped at step {done} of {t.steps} ({stopped}): checkpoint {done} saved; run "
-              "the same command to resume", flush=True)
-      return {"stopped": stopped, "step": done}
-    if start < t.steps or eval_loss is None:
-      eval_loss = _eval(s, eval_step, state, eval_data, writer, t.steps, None)
-    if start < t.steps:
-      save(t.steps, force=True)
-    ckpt.wait()
-  writer.close()
-
-  median_step = float(np.median(step_times[1:] or step_times or [0.0]))
-  tokens_per_s = tokens_per_step / median_step if median_step else 0.0
-  summary = train.run_summary(
-      cfg, s, config_hash=config_hash(cfg), steps=t.steps, tokens=t.steps * tokens_per_step,
-      final_eval_loss=eval_loss, tokens_per_s=tokens_per_s,
-      mfu=tokens_per_s * flops_per_token / peak, peak_flops=peak, peak_source=peak_source,
-      wall_time_s=time.time() - started, **pipeline.data_metadata(d))
-  if is_main:
-    train.write_json(os.path.join(workdir, "summary.json"), summary)
-    metrics_lib.plot_loss_curve(metrics_lib.read(records_path),
-                                os.path.join(workdir, "loss_curve.png"),
-                                title=f"{cfg.model.n_layers}L d{cfg.model.d_model}, "
-                                      f"{summary['params'] / 1e6:.1f}M params")
-    print(f"final held-out loss: {eval_loss:.4f} (perplexity {np.exp(eval_loss):.2f}), "
-          f"{tokens_per_s:,.0f} tokens/s, MFU {summary['mfu']:.1%} of {peak / 1e9:.0f} "
-          f"GFLOP/s ({peak_source})")
-    print(f"loss curve: {os.path.join(workdir, 'loss_curve.png')}")
-    if metrics_lib.plot_expert_load(metrics_lib.read(records_path),
-                                    os.path.join(workdir, "expert_load.png")):
-      print(f"expert load: {os.path.join(workdir, 'expert_load.png')}")
+  with jax.set_mesh(s.mesh):
+    stopped = run.train(stop)
+    run.bar.close()
+    if stopped:
+      return run.stopped(stopped)
+    run.finish()
+  run.writer.close()
+  summary = run.summary(started)
+  if run.is_main:
+    _report(cfg, workdir, summary, run.records_path)
+  t = cfg.train
   if t.sample_tokens:
-    params = _host_copy(state["params"])  # a collective: every process takes part
-    if is_main:
-      text = sample.sample_text(params, cfg, tok, t.sample_prompt, t.sample_tokens,
-                                t.sample_temperature, seed=t.seed)
+    params = _host_copy(run.state["params"])  # a collective: every process takes part
+    if run.is_main:
+      text = decoding.sample_texts(plan.model_params(params, cfg), s.spec, tok,
+                                   [t.sample_prompt], t.sample_tokens, t.sample_temperature,
+                                   seed=t.seed)[0]
       print(f"sample: {text}")
   return summary
 
 
-def _eval(s, eval_step, state, eval_data, writer, step, bar) -> float:
-  result = train.evaluate(s, eval_step, state["params"], eval_data)
-  writer.write(step, {f"eval_{k}": v for k, v in result.items()})
-  message = f"step {step}: held-out loss {result['loss']:.4f}, accuracy {result['accuracy']:.3f}"
-  if jax.process_index() == 0:
-    (bar.write if bar is not None else print)(message)
-  return result["loss"]
+def _restore_or_init(cfg, s, ckpt, train_iter):
+  """(state, progress saved beside it, whether it was restored) at the start of a run."""
+  restored = ckpt.restore_latest(s.abstract_state, train_iter, warn=_warn)
+  if restored is not None:
+    if jax.process_index() == 0:
+      print(f"resuming from checkpoint {restored.step}", flush=True)
+    return restored.state, restored.progress, True
+  params = None
+  if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
+    params = reference.restore_params(cfg.checkpoint.init_from, s.abstract_state["params"],
+                                      cfg.model)
+  return state_lib.init_state(s, cfg.train.seed, params), {}, False
+
+
+class _Run:
+  """A run's mutable state between steps, and what the loop does to it.
+
+  `done` steps are done; `drawn` batches were taken from train_iter, over all
+  restarts. `pending` holds the last step's metrics, still on device, until
+  `flush` fetches them: the next step is dispatched first. `clock` is when the
+  last step was flushed (or the loop last paused, to evaluate or save).
+  """
+
+  def __init__(self, cfg, workdir, s, train_iter, eval_data, ckpt, frozen):
+    t = self.t = cfg.train
+    self.cfg, self.s, self.train_iter, self.eval_data, self.ckpt = (
+        cfg, s, train_iter, eval_data, ckpt)
+    self.is_main = jax.process_index() == 0
+    self.state, progress, restored = _restore_or_init(cfg, s, ckpt, train_iter)
+    self.start = self.done = int(jax.device_get(self.state["step"]))
+    self.drawn = progress.get("batches", self.start)
+    self.guard = guard_lib.Guard(t, progress.get("guard"))
+    self.poisoned = guard_lib.injected_nan_batches()
+    self.records_path = os.path.join(workdir, "metrics.jsonl")
+    if self.is_main:
+      records.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+      # records past the checkpoint came from a run that died; drop them
+      metrics_lib.truncate(self.records_path, self.start)
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_main)
+    if not restored and t.nonfinite == "restore":
+      self.save(0)  # something to go back to
+    self.train_step = step_lib.make_train_step(s, frozen)
+    self.eval_step = step_lib.make_eval_step(s, frozen)
+    self.flops_per_token = cost.flops_per_token(cfg.model, cfg.data.seq_len)
+    self.peak, self.peak_source = cost.peak_flops(cfg.model.dtype)
+    self.tokens_per_step = t.batch_size * cfg.data.seq_len
+    self.bar = tqdm.tqdm(total=t.steps, initial=self.start, unit="step", dynamic_ncols=True,
+                         disable=not (self.is_main and t.progress))
+    self.pending = None  # (step, batch number, metrics still on device)
+    self.clock = time.perf_counter()
+    self.step_times = []
+    self.eval_loss = None
+
+  def train(self, stop) -> str:
+    """Steps up to train.steps; returns why it stopped before them ('' if it did not)."""
+    t = self.t
+    while self.done < t.steps:
+      bad = self.step()
+      evaluate_now, save_now = self._due(t.eval_every), self._due(self.cfg.checkpoint.every)
+      if bad is None and (evaluate_now or save_now or self.done == t.steps):
+        bad = self.flush()
+      if bad is not None:
+        self.rewind(bad)
+        continue
+      stopped = stop.poll()  # every process, every step: they agree on the step to stop at
+      if stopped and self.done < t.steps:
+        self.flush()
+        self.save(self.done, force=True)
+        return stopped
+      if evaluate_now:
+        self.evaluate(self.done, self.bar.write)
+        self.clock = time.perf_counter()
+      if save_now:
+        self.save(self.done)
+        self.clock = time.perf_counter()
+    return ""
+
+  def _due(self, every) -> bool:
+    return bool(every and self.done % every == 0 and self.done != self.t.steps)
+
+  def step(self):
+    """Dispatches the next batch's step, then flushes the previous one (see `flush`)."""
+    self.drawn += 1
+    batch = guard_lib.inject(next(self.train_iter), self.drawn, self.poisoned)
+    self.state, metrics = self.train_step(
+        self.state, distributed.global_batch(batch, self.s.batch_sharding))
+    bad = self.flush()  # the previous step's metrics, while this one runs
+    self.done += 1
+    self.pending = (self.done, self.drawn, metrics)
+    self.bar.update(1)
+    return bad
+
+  def flush(self):
+    """Fetches, checks and logs the pending step; its time is the wall time since `clock`.
+
+    Returns the step's batch number if the guard asks to go back to the last
+    checkpoint, else None.
+    """
+    if self.pending is None:
+      return None
+    (step, number, on_device), self.pending = self.pending, None
+    stats = jax.device_get(on_device)
+    now = time.perf_counter()
+    self.step_times.append(now - self.clock)
+    self.clock = now
+    record = records.step_record(stats, self.step_times[-1], self.tokens_per_step,
+                                 self.flops_per_token, self.peak)
+    try:
+      verdict = self.guard.check(step, record)
+    except guard_lib.NonFiniteError:
+      self.writer.write(step, record)
+      raise
+    record.update(verdict.record)
+    for message in verdict.messages if self.is_main else ():
+      self.bar.write(message)
+    if verdict.log or step % self.t.log_every == 0 or step == self.t.steps:
+      self.writer.write(step, record)
+    self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                         refresh=False)
+    return number if verdict.restore else None
+
+  def rewind(self, bad_number: int):
+    """Goes back to the last checkpoint, with train_iter past batch `bad_number`."""
+    self.pending = None
+    r = self.ckpt.restore_latest(self.s.abstract_state, self.train_iter, warn=_warn)
+    if r is None:
+      raise guard_lib.NonFiniteError(f"no checkpoint in {self.ckpt.directory} to go back to")
+    skip = bad_number - r.progress.get("batches", r.step)
+    for _ in range(skip):
+      next(self.train_iter)
+    if self.is_main:
+      metrics_lib.truncate(self.records_path, r.step)
+    self.writer.write(r.step, {"event": "nonfinite_restore", "skipped_batches": skip,
+                               "last_bad_batch": bad_number})
+    if self.is_main:
+      self.bar.write(f"restored checkpoint {r.step} and skipped {skip} batches")
+    self.bar.n = r.step
+    self.bar.refresh()
+    self.state, self.done, self.drawn = r.state, r.step, bad_number
+    self.guard = guard_lib.Guard(self.t, r.progress.get("guard"))
+    self.guard.restored()
+    self.clock = time.perf_counter()
+
+  def save(self, step: int, force: bool = False):
+    self.ckpt.save(step, self.state, self.train_iter, force=force,
+                   progress={"batches": self.drawn, "guard": self.guard.state()})
+
+  def evaluate(self, step: int, write):
+    """Records held-out statistics of the current parameters; `write` prints the message."""
+    result = step_lib.evaluate(self.s, self.eval_step, self.state["params"], self.eval_data)
+    self.writer.write(step, {f"eval_{k}": v for k, v in result.items()})
+    if self.is_main:
+      write(f"step {step}: held-out loss {result['loss']:.4f}, "
+            f"accuracy {result['accuracy']:.3f}")
+    self.eval_loss = result["loss"]
+
+  def stopped(self, reason: str) -> dict:
+    """Ends a run stopped before train.steps (its checkpoint saved): how to resume."""
+    self.ckpt.wait()
+    self.writer.close()
+    if self.is_main:
+      print(f"stopped at step {self.done} of {self.t.steps} ({reason}): checkpoint "
+            f"{self.done} saved; run the same command to resume", flush=True)
+    return {"stopped": reason, "step": self.done}
+
+  def finish(self):
+    """The final evaluation and checkpoint (none if the run had nothing left to do)."""
+    steps = self.t.steps
+    if self.start < steps or self.eval_loss is None:
+      self.evaluate(steps, print)
+    if self.start < steps:
+      self.save(steps, force=True)
+    self.ckpt.wait()
+
+  def summary(self, started: float) -> dict:
+    cfg, t = self.cfg, self.t
+    median_step = float(np.median(self.step_times[1:] or self.step_times or [0.0]))
+    tokens_per_s = self.tokens_per_step / median_step if median_step else 0.0
+    return records.run_summary(
+        cfg, self.s, config_hash=config_lib.config_hash(cfg), steps=t.steps,
+        tokens=t.steps * self.tokens_per_step, final_eval_loss=self.eval_loss,
+        tokens_per_s=tokens_per_s, mfu=tokens_per_s * self.flops_per_token / self.peak,
+        peak_flops=self.peak, peak_source=self.peak_source,
+        wall_time_s=time.time() - started, **pipeline.data_metadata(cfg.data))
+
+
+def _report(cfg, workdir, summary, records_path):
+  """Process 0's summary.json, plots and closing lines."""
+  records.write_json(os.path.join(workdir, "summary.json"), summary)
+  metrics_lib.plot_loss_curve(metrics_lib.read(records_path),
+                              os.path.join(workdir, "loss_curve.png"),
+                              title=f"{cfg.model.n_layers}L d{cfg.model.d_model}, "
+                                    f"{summary['params'] / 1e6:.1f}M params")
+  loss, peak = summary["final_eval_loss"], summary["peak_flops"]
+  print(f"final held-out loss: {loss:.4f} (perplexity {np.exp(loss):.2f}), "
+        f"{summary['tokens_per_s']:,.0f} tokens/s, MFU {summary['mfu']:.1%} of "
+        f"{peak / 1e9:.0f} GFLOP/s ({summary['peak_source']})")
+  print(f"loss curve: {os.path.join(workdir, 'loss_curve.png')}")
+  if metrics_lib.plot_expert_load(metrics_lib.read(records_path),
+                                  os.path.join(workdir, "expert_load.png")):
+    print(f"expert load: {os.path.join(workdir, 'expert_load.png')}")
 
 
 def _host_copy(tree):
   """The whole of a sharded tree as numpy arrays, on every process."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)

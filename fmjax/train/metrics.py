@@ -59,9 +59,7 @@ def truncate(path: str, last_step: int) -> None:
 
 def plot_loss_curve(records: list[dict], path: str, title: str = "") -> None:
   """Train and held-out loss against step, saved as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
   held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -86,9 +84,7 @@ def plot_expert_load(records: list[dict], path: str, title: str = "") -> bool:
   rows = [(r["step"], np.asarray(r["moe_load"])) for r in records if "moe_load" in r]
   if not rows:
     return False
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
 
   steps = [s for s, _ in rows]
   load_SLE = np.stack([load for _, load in rows])  # (steps, MoE layers, experts)
@@ -113,3 +109,10 @@ def plot_expert_load(records: list[dict], path: str, title: str = "") -> bool:
   fig.savefig(path)
   plt.close(fig)
   return True
+
+
+def _pyplot():
+  import matplotlib  # only when plotting: slow to import
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # after the backend is chosen
+  return plt

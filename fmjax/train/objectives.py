@@ -9,7 +9,8 @@ accumulated `tokens`, or `pairs` for the pair objectives) once, at the end.
   dpo          preference pairs against a frozen reference (fmjax/posttrain/dpo.py)
   contrastive  InfoNCE over pooled embeddings (fmjax/posttrain/contrastive.py)
 
-An objective is called as `objective(params, batch, cfg, **frozen)`, where
+An objective is called as `objective(params, batch, spec, o, **frozen)`, with
+the model's `ModelSpec` and the config's `objective` section `o`, where
 `frozen` holds the non-trained inputs it declares (fmjax.posttrain.plan): DPO's
 `reference` parameters, unless its log-probabilities were precomputed.
 """
@@ -82,36 +83,36 @@ def chunked_cross_entropy_sums(unembed, h_BTD, targets_BT, weights_BT, z_loss: f
   return stats["nll"] + stats["z_loss"], stats
 
 
-def next_token(params, batch, cfg):
+def next_token(params, batch, spec, o):
   """Next-token prediction, for pretraining and continued pretraining.
 
   MoE models add their balancing losses (fmjax.nn.moe), and models with
   multi-token prediction its loss (fmjax.nn.mtp).
   """
   targets_BT, weights_BT = next_token_targets(batch)
-  chunk = cfg.objective.ce_chunk
-  x0_BTD = model.embed(params, batch["tokens"], cfg)
-  x_BTD, moe_stats = model.trunk(params, x0_BTD, batch["segment_ids"], batch["positions"], cfg)
-  h_BTD = model.final_norm(params, x_BTD, cfg)
+  chunk = o.ce_chunk
+  x0_BTD = model.embed(params, batch["tokens"], spec)
+  x_BTD, moe_stats = model.trunk(params, x0_BTD, batch["segment_ids"], batch["positions"], spec)
+  h_BTD = model.final_norm(params, x_BTD, spec)
+  unembed = lambda h: model.unembed(params, h, spec)
   if not chunk or chunk >= targets_BT.shape[1]:
-    loss, stats = cross_entropy_sums(model.unembed(params, h_BTD, cfg), targets_BT, weights_BT,
-                                     cfg.objective.z_loss)
+    loss, stats = cross_entropy_sums(unembed(h_BTD), targets_BT, weights_BT, o.z_loss)
   else:
-    loss, stats = chunked_cross_entropy_sums(lambda h: model.unembed(params, h, cfg), h_BTD,
-                                             targets_BT, weights_BT, cfg.objective.z_loss, chunk)
+    loss, stats = chunked_cross_entropy_sums(unembed, h_BTD, targets_BT, weights_BT, o.z_loss,
+                                             chunk)
   if moe_stats:
-    loss, stats = moe.add_losses(loss, stats, moe_stats, cfg)
-  if cfg.model.mtp_depth:
-    loss, stats = mtp.add_loss(loss, stats, params, x_BTD, x0_BTD, batch, weights_BT, cfg,
-                               lambda h: model.unembed(params, h, cfg), cross_entropy_sums)
+    loss, stats = moe.add_losses(loss, stats, moe_stats, spec)
+  if spec.model.mtp_depth:
+    loss, stats = mtp.add_loss(loss, stats, params, x_BTD, x0_BTD, batch, weights_BT, spec,
+                               unembed, cross_entropy_sums)
   return loss, stats
 
 
-def sft(params, batch, cfg):
+def sft(params, batch, spec, o):
   """Supervised fine-tuning: next-token loss where the batch's loss_mask is 1 (the response)."""
   if "loss_mask" not in batch:
     raise ValueError("objective sft needs batches with a loss_mask (fmjax.data.task_batches)")
-  return next_token(params, batch, cfg)
+  return next_token(params, batch, spec, o)
 
 
 def denominator(stats):

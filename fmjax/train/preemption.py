@@ -21,7 +21,10 @@ import re
 import signal
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 REASONS = ("", "SIGTERM", "max_runtime")  # indexed by the code the processes agree on
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms]?)")
@@ -47,7 +50,6 @@ class Stop:
   """Whether the run should stop after the step just dispatched, agreed by all processes."""
 
   def __init__(self, max_runtime_s: float = 0.0, started: float | None = None):
-    import jax
 
     self._signalled = False
     started = time.time() if started is None else started
@@ -75,7 +77,6 @@ class Stop:
     """'' to go on, else why to stop. Every process must call it once per step."""
     if self._agree is None:
       return REASONS[self.local()]
-    import jax
     agreed = int(jax.device_get(self._pending)) if self._pending is not None else 0
     self._pending = self._agree(self.local())
     return REASONS[agreed]
@@ -94,9 +95,6 @@ class Stop:
 
 def _all_reduce_max():
   """code -> a replicated device scalar: the maximum of every process's code (not fetched)."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   mesh = Mesh(np.array(jax.devices()), ("processes",))
   spread, replicated = NamedSharding(mesh, P("processes")), NamedSharding(mesh, P())

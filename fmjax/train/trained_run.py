@@ -13,15 +13,15 @@ import json
 import os
 import sys
 
+import jax
+
+from fmjax import config as config_lib
+from fmjax.nn import sharding
+from fmjax.train import checkpoint, state as state_lib
+
 
 def load(workdir: str, prog: str, step: int | None = None):
   """(config, one-device Setup, parameters, step) of checkpoint `step` (default: the latest)."""
-  import jax
-
-  from fmjax.train import checkpoint, state as train
-  from fmjax import config as config_lib
-  from fmjax.nn import sharding
-
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     sys.exit(f"{prog}: no config.json in --workdir={workdir}; point it at the workdir of a "
@@ -35,7 +35,7 @@ def load(workdir: str, prog: str, step: int | None = None):
   except FileNotFoundError:
     sys.exit(f"{prog}: no checkpoint in {directory}; train first")
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
-  s = train.setup(cfg, mesh)
+  s = state_lib.setup(cfg, mesh)
   step = latest if step is None else step
   params = checkpoint.restore_params(directory, s.abstract_state["params"], step=step)
   return cfg, s, params, step

@@ -16,6 +16,8 @@ import fcntl
 import json
 import os
 
+from fmjax.config import ConfigError, base
+
 # Fields that may differ when resuming: they change how a run is carried out
 # (its length, logging, checkpointing, layout, what it does about a fault),
 # not what it computes.
@@ -76,7 +78,6 @@ def config_changes(old: dict, new: dict) -> list[str]:
   A field missing from `old` (a config saved before the field existed) that has
   its default value in `new` is no change.
   """
-  from fmjax.config import base
   a, b = dict(_flatten(old)), dict(_flatten(new))
   defaults = dict(_flatten(base().to_dict()))
   changed = []
@@ -89,8 +90,6 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def check_config(workdir: str, config: dict, allow_change: bool = False):
   """Raises ConfigError if `workdir` was made by a config that computes something else."""
-  from fmjax.config import ConfigError
-
   path = os.path.join(workdir, "config.json")
   if allow_change or not os.path.exists(path):
     return

@@ -1,0 +1,73 @@
+"""Parameters a run restores from other runs: its init_from checkpoint, and DPO's frozen
+reference (or that reference's log-probabilities, precomputed once)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+
+from fmjax.data import task_batches
+from fmjax.errors import ConfigError
+from fmjax.hf import files as hf
+from fmjax.nn import model, params as params_lib
+from fmjax.posttrain import dpo
+from fmjax.posttrain.plan import ADDED, model_shardings, reference_path
+from fmjax.runtime import distributed
+from fmjax.train import checkpoint
+
+
+def restore_params(path: str, abstract_params, m=None):
+  """The entries of `abstract_params` that the latest checkpoint under `path` holds,
+  restored onto their shardings; entries post-training adds may be missing (they are
+  initialised). Raises ConfigError if a model entry is missing, or if the checkpoint
+  holds LoRA adapters that this run would drop."""
+  if hf.is_hf_dir(path):  # a Hugging Face model holds the model's entries, never adapters
+    return checkpoint.restore_params(path, model_shardings(abstract_params), m)
+  saved = checkpoint.saved_param_keys(path)
+  missing = [k for k in abstract_params if k not in saved and k not in ADDED]
+  if missing:
+    raise ConfigError(f"checkpoint {path} has no parameters {', '.join(missing)}: it was "
+                      "trained with another model config")
+  if "lora" in saved and "lora" not in abstract_params:
+    raise ConfigError(f"checkpoint {path} holds LoRA adapters; merge them into its weights "
+                      f"first: python -m fmjax.export --workdir={path} --out=DIR")
+  return checkpoint.restore_params(
+      path, {k: v for k, v in abstract_params.items() if k in saved}, m)
+
+
+def load_reference(cfg, param_shardings):
+  """The reference's model parameters from the latest checkpoint of its workdir, sharded
+  like the policy's (`param_shardings`): no device ever holds all of them."""
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          params_lib.abstract(model.param_decls(cfg.model)),
+                          model_shardings(param_shardings))
+  return restore_params(reference_path(cfg), abstract)
+
+
+def frozen_inputs(s, tokenizer, train_ds, held_out: list):
+  """(train dataset, held-out batches, frozen inputs of the step) of setup `s`'s objective.
+
+  DPO loads its reference here. With objective.dpo.precompute_reference, the
+  reference's log-probabilities of every train example (one pass over
+  data.task_size examples) and held-out example are computed once, attached
+  to their batches, and the reference is dropped.
+  """
+  cfg = s.cfg
+  if cfg.objective.name != "dpo":
+    return train_ds, held_out, {}
+  reference = load_reference(cfg, s.state_shardings["params"])
+  if not cfg.objective.dpo.precompute_reference:
+    return train_ds, held_out, {"reference": reference}
+  logps = jax.jit(lambda p, b: dpo.pair_logps(p, b, s.spec),
+                  in_shardings=(model_shardings(s.state_shardings["params"]), s.batch_sharding))
+  batch_size, d = cfg.train.batch_size, cfg.data
+  one_pass = task_batches.dpo_batches(tokenizer, "train", seq_len=d.seq_len,
+                                      batch_size=batch_size, seed=d.seed,
+                                      size=d.task_size or None, one_pass=True)
+  with jax.set_mesh(s.mesh):
+    table = dpo.precompute(
+        lambda b: logps(reference, distributed.global_batch(b, s.batch_sharding)),
+        itertools.chain(one_pass, held_out), batch_size)
+  attach = dpo.AttachReference(table)
+  return train_ds.map(attach), [attach.map(b) for b in held_out], {}

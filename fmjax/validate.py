@@ -1,0 +1,314 @@
+"""Checks a whole experiment config before anything is compiled or written.
+
+`validate(cfg, n_devices)` raises `ConfigError` with a one-line message that
+names the first bad field and the fix, and returns the resolved mesh shape.
+Only the commands call it (through `fmjax.runtime.cli` and `fmjax.main`); the
+checks of a part live here, beside the checks of every other part, so that the
+schema (fmjax/config.py) imports nothing of what it describes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+
+import ml_collections
+
+from fmjax import config as config_lib
+from fmjax.config import (ATTENTION, AUX_LOSS_SCOPES, BAD_UTF8, BALANCE, DISPATCH, DPO_LOSSES,
+                          DTYPES, GROUPED_MATMUL, NONFINITE, OBJECTIVES, OPTIMIZERS, POOLING,
+                          REMAT, ROPE_SCALING, ROUTER_SCORES, SCHEDULES)
+from fmjax.data import mixture
+from fmjax.data.tokenizer import MIN_VOCAB_SIZE  # the tokenizer is trained at model.vocab_size
+from fmjax.errors import ConfigError
+from fmjax.nn import model
+from fmjax.nn.sharding import MESH_AXES, mesh_shape, parse_axes
+from fmjax.nn.spec import head_dim
+from fmjax.posttrain import lora
+from fmjax.scaling import sizing
+from fmjax.train.preemption import parse_duration
+
+
+def resolve(cfg, n_devices: int):
+  """`cfg` with its size dial and training horizon written out (fmjax/scaling/sizing.py),
+  then checked by `validate`: what every command runs once, before it builds anything."""
+  cfg = sizing.resolve(cfg)
+  validate(cfg, n_devices)
+  return cfg
+
+
+def _unknown_fields(cfg, schema, prefix=""):
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+      yield f"unknown config field {path}{hint}"
+    elif isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
+        yield f"{path} must be a section with fields, got {cfg[key]!r}"
+      else:
+        yield from _unknown_fields(cfg[key], schema[key], path + ".")
+
+
+def _wrong_types(cfg, schema, prefix=""):
+  for key, default in schema.items():
+    path = f"{prefix}{key}"
+    if key not in cfg:
+      yield f"missing config field {path}; start the experiment from fmjax.config.base()"
+      continue
+    value = cfg[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if isinstance(value, (ml_collections.ConfigDict, dict)):
+        yield from _wrong_types(value, default, path + ".")
+      continue
+    ok = (isinstance(value, type(default)) and not
+          (isinstance(value, bool) and not isinstance(default, bool)))
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+      ok = True
+    if not ok:
+      yield (f"{path}={value!r} has type {type(value).__name__}, "
+             f"expected {type(default).__name__} like {default!r}")
+
+
+def _choice(path, value, options):
+  if value not in options:
+    raise ConfigError(f"{path}={value!r} is not one of {', '.join(options)}")
+
+
+def _positive(path, value, allow_zero=False):
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{path}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+  """Checks the whole config; returns the resolved mesh shape.
+
+  Raises ConfigError on the first problem found.
+  """
+  schema = config_lib.base()
+  for problem in _unknown_fields(cfg, schema):
+    raise ConfigError(problem)
+  for problem in _wrong_types(cfg, schema):
+    raise ConfigError(problem)
+
+  m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+    _positive(f"model.{name}", m[name])
+  _choice("model.attention", m.attention, ATTENTION)
+  if m.attention == "gqa":
+    _check_gqa(m)
+  else:
+    _check_mla(m)
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.remat", m.remat, REMAT)
+  _positive("model.rope_theta", m.rope_theta)
+  _check_rope_scaling(m.rope_scaling)
+  _check_moe(m)
+
+  if m.vocab_size < MIN_VOCAB_SIZE:
+    raise ConfigError(f"model.vocab_size={m.vocab_size} is below {MIN_VOCAB_SIZE}, the smallest "
+                      "tokenizer with byte fallback; raise it")
+  try:
+    mixture.from_config(d)
+  except ValueError as e:
+    field = "data.curriculum" if str(e).startswith("curriculum") else "data.mixture"
+    raise ConfigError(f"{field}={d[field.split('.')[1]]!r}: {e}") from None
+  _choice("data.bad_utf8", d.bad_utf8, BAD_UTF8)
+  _positive("data.max_doc_bytes", d.max_doc_bytes)
+  if not 0 <= d.max_skip_fraction <= 1:
+    raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
+  _choice("data.tokenizer", d.tokenizer, ("bpe", "unigram"))
+  if d.seq_len < 2:
+    raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
+  _positive("data.num_workers", d.num_workers, allow_zero=True)
+  _positive("data.shards", d.shards, allow_zero=True)
+  if d.shards and t.batch_size % d.shards:
+    raise ConfigError(f"data.shards={d.shards} must divide train.batch_size={t.batch_size}")
+
+  _choice("objective.name", cfg.objective.name, OBJECTIVES)
+  _positive("objective.z_loss", cfg.objective.z_loss, allow_zero=True)
+  _positive("objective.ce_chunk", cfg.objective.ce_chunk, allow_zero=True)
+  if cfg.objective.ce_chunk and d.seq_len % cfg.objective.ce_chunk:
+    raise ConfigError(f"objective.ce_chunk={cfg.objective.ce_chunk} must divide "
+                      f"data.seq_len={d.seq_len}; pick a divisor, or 0 for no chunking")
+
+  _check_posttraining(cfg)
+
+  _choice("optimizer.name", o.name, OPTIMIZERS)
+  _choice("optimizer.schedule", o.schedule, SCHEDULES)
+  _positive("optimizer.lr", o.lr)
+  _positive("optimizer.warmup_steps", o.warmup_steps, allow_zero=True)
+  _positive("optimizer.decay_steps", o.decay_steps, allow_zero=True)
+  _positive("optimizer.clip_norm", o.clip_norm, allow_zero=True)
+  if not 0 <= o.min_lr_ratio <= 1:
+    raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+  if not 0 < o.wsd_decay_fraction <= 1:
+    raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")
+
+  for name in ("steps", "batch_size", "microbatches", "log_every"):
+    _positive(f"train.{name}", t[name])
+  _positive("train.eval_every", t.eval_every, allow_zero=True)
+  _choice("train.nonfinite", t.nonfinite, NONFINITE)
+  _positive("train.nonfinite_max_consecutive", t.nonfinite_max_consecutive)
+  _positive("train.spike_zscore", t.spike_zscore, allow_zero=True)
+  if not 0 < t.spike_decay < 1:
+    raise ConfigError(f"train.spike_decay={t.spike_decay} must be in (0, 1), e.g. 0.98")
+  try:
+    parse_duration(t.max_runtime)
+  except ValueError as e:
+    raise ConfigError(f"train.max_runtime: {e}") from None
+  _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+  _positive("checkpoint.keep", cfg.checkpoint.keep)
+
+  shape = mesh_shape(cfg.mesh, n_devices)
+  _check_rules(cfg.sharding, shape)
+  if m.moe.n_routed_experts:
+    batch_axes = parse_axes(cfg.sharding.activations.batch)
+    for a in parse_axes(cfg.sharding.params.expert):
+      if shape[a] > 1 and a not in batch_axes:
+        raise ConfigError(
+            f"sharding.activations.batch={cfg.sharding.activations.batch!r} must include "
+            f"{a!r}: experts are sharded over it, so tokens must be too (e.g. 'data,fsdp,{a}')")
+  batch_shards = math.prod(shape[a] for a in parse_axes(cfg.sharding.activations.batch))
+  if t.batch_size % t.microbatches:
+    raise ConfigError(f"train.microbatches={t.microbatches} must divide "
+                      f"train.batch_size={t.batch_size}")
+  micro = t.batch_size // t.microbatches
+  if micro % batch_shards:
+    raise ConfigError(
+        f"microbatch size {micro} (train.batch_size/train.microbatches) is not "
+        f"divisible by the {batch_shards} batch shards of the mesh; "
+        f"make it a multiple of {batch_shards}")
+  return shape
+
+
+def _check_posttraining(cfg):
+  o, dp, c, lo = cfg.objective, cfg.objective.dpo, cfg.objective.contrastive, cfg.lora
+  _positive("data.task_size", cfg.data.task_size, allow_zero=True)
+  _choice("objective.dpo.loss", dp.loss, DPO_LOSSES)
+  _positive("objective.dpo.beta", dp.beta)
+  if not 0 <= dp.label_smoothing < 0.5:
+    raise ConfigError(f"objective.dpo.label_smoothing={dp.label_smoothing} must be in [0, 0.5)")
+  if o.name == "dpo" and not (dp.reference or cfg.checkpoint.init_from):
+    raise ConfigError("objective.name='dpo' needs a reference model: set "
+                      "objective.dpo.reference or checkpoint.init_from to a workdir")
+  _choice("objective.contrastive.pooling", c.pooling, POOLING)
+  _positive("objective.contrastive.projection_dim", c.projection_dim, allow_zero=True)
+  _positive("objective.contrastive.temperature", c.temperature)
+  if c.max_logit_scale < 1:
+    raise ConfigError(f"objective.contrastive.max_logit_scale={c.max_logit_scale} must be "
+                      ">= 1 (CLIP's is 100)")
+  if o.name == "contrastive" and cfg.train.microbatches != 1:
+    raise ConfigError(f"train.microbatches={cfg.train.microbatches} must be 1 for "
+                      "objective.name='contrastive': its negatives are the whole batch")
+  _positive("lora.rank", lo.rank, allow_zero=True)
+  _positive("lora.alpha", lo.alpha)
+  if lo.rank:
+    pats = lora.patterns(lo.targets)
+    if not pats:
+      raise ConfigError(f"lora.rank={lo.rank} needs lora.targets, e.g. 'layers.w[qkvo]$'")
+    for p in pats:
+      try:
+        re.compile(p)
+      except re.error as e:
+        raise ConfigError(f"lora.targets: {p!r} is not a regular expression ({e})") from None
+    if not lora.targets(model.param_decls(cfg.model), lo):
+      raise ConfigError(f"lora.targets={lo.targets!r} matches no weight matrix; names look "
+                        "like layers.wq, layers.w_down, unembed")
+
+
+def _check_gqa(m):
+  _positive("model.n_kv_heads", m.n_kv_heads)
+  _positive("model.head_dim", m.head_dim, allow_zero=True)
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(
+        f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+        "change one, or set model.head_dim explicitly")
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(
+        f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+        "(grouped-query attention shares each KV head among n_heads/n_kv_heads queries)")
+  if head_dim(m) % 2:
+    raise ConfigError(f"head dim {head_dim(m)} must be even for rotary embeddings; "
+                      "change model.head_dim or model.d_model/model.n_heads")
+
+
+def _check_mla(m):
+  _positive("model.q_lora_rank", m.q_lora_rank, allow_zero=True)
+  for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+    _positive(f"model.{name}", m[name])
+  _positive("model.qk_nope_head_dim", m.qk_nope_head_dim, allow_zero=True)
+  if m.qk_rope_head_dim % 2:
+    raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for "
+                      "rotary embeddings")
+
+
+def _check_moe(m):
+  e = m.moe
+  _positive("model.mtp_depth", m.mtp_depth, allow_zero=True)
+  _positive("model.mtp_weight", m.mtp_weight, allow_zero=True)
+  _positive("model.moe.n_routed_experts", e.n_routed_experts, allow_zero=True)
+  if not e.n_routed_experts:
+    return
+  E = e.n_routed_experts
+  if not 1 <= e.experts_per_token <= E:
+    raise ConfigError(f"model.moe.experts_per_token={e.experts_per_token} must be in "
+                      f"[1, n_routed_experts={E}]")
+  _positive("model.moe.n_shared_experts", e.n_shared_experts, allow_zero=True)
+  _positive("model.moe.moe_intermediate_size", e.moe_intermediate_size)
+  _positive("model.moe.moe_layer_freq", e.moe_layer_freq)
+  if not 0 <= e.first_k_dense < m.n_layers:
+    raise ConfigError(f"model.moe.first_k_dense={e.first_k_dense} must be in [0, "
+                      f"n_layers={m.n_layers}): at least one layer must be MoE")
+  _choice("model.moe.score", e.score, ROUTER_SCORES)
+  _positive("model.moe.n_group", e.n_group)
+  if E % e.n_group:
+    raise ConfigError(f"model.moe.n_group={e.n_group} must divide n_routed_experts={E}")
+  if not 1 <= e.topk_group <= e.n_group:
+    raise ConfigError(f"model.moe.topk_group={e.topk_group} must be in [1, n_group={e.n_group}]")
+  if e.experts_per_token > e.topk_group * (E // e.n_group):
+    raise ConfigError(f"model.moe.experts_per_token={e.experts_per_token} exceeds the "
+                      f"{e.topk_group * (E // e.n_group)} experts of topk_group groups; "
+                      "raise model.moe.topk_group")
+  _positive("model.moe.routed_scaling_factor", e.routed_scaling_factor)
+  _choice("model.moe.balance", e.balance, BALANCE)
+  _positive("model.moe.aux_loss_coef", e.aux_loss_coef, allow_zero=True)
+  if e.balance == "aux" and not e.aux_loss_coef:
+    raise ConfigError("model.moe.aux_loss_coef=0 with balance='aux': set a coefficient "
+                      "(e.g. 0.01) or balance='none'")
+  _choice("model.moe.aux_loss_scope", e.aux_loss_scope, AUX_LOSS_SCOPES)
+  _positive("model.moe.router_z_loss_coef", e.router_z_loss_coef, allow_zero=True)
+  _positive("model.moe.bias_update_rate", e.bias_update_rate, allow_zero=e.balance != "aux_free")
+  _choice("model.moe.dispatch", e.dispatch, DISPATCH)
+  _positive("model.moe.capacity_factor", e.capacity_factor)
+  _choice("model.moe.grouped_matmul", e.grouped_matmul, GROUPED_MATMUL)
+
+
+def _check_rope_scaling(r):
+  _choice("model.rope_scaling.kind", r.kind, ROPE_SCALING)
+  if r.factor < 1:
+    raise ConfigError(f"model.rope_scaling.factor={r.factor} must be >= 1 (the context "
+                      "is extended by this factor)")
+  if r.kind == "yarn":
+    if r.original_seq_len <= 0:
+      raise ConfigError(f"model.rope_scaling.original_seq_len={r.original_seq_len} must be "
+                        "> 0 for yarn: set it to the sequence length the model was trained at")
+    if not r.beta_fast > r.beta_slow > 0:
+      raise ConfigError(f"model.rope_scaling.beta_fast={r.beta_fast} must exceed "
+                        f"beta_slow={r.beta_slow} > 0 (rotations per original context)")
+  _positive("model.rope_scaling.mscale", r.mscale, allow_zero=True)
+
+
+def _check_rules(sharding, shape):
+  for kind in ("params", "activations"):
+    for logical, value in sharding[kind].items():
+      axes = parse_axes(value)
+      for a in axes:
+        if a not in MESH_AXES:
+          raise ConfigError(
+              f"sharding.{kind}.{logical}={value!r} names mesh axis {a!r}; "
+              f"mesh axes are {', '.join(MESH_AXES)}")
+      if len(set(axes)) != len(axes):
+        raise ConfigError(f"sharding.{kind}.{logical}={value!r} repeats a mesh axis")
