@@ -15,24 +15,43 @@ import ml_collections
 
 from fmjax.errors import ConfigError  # noqa: F401  (raised for bad fields; importable from here)
 
-SCHEDULES = ("cosine", "wsd", "constant")
-OPTIMIZERS = ("adamw", "lion")
-REMAT = ("none", "full", "dots")
-DTYPES = ("float32", "bfloat16")
-OBJECTIVES = ("next_token", "sft", "dpo", "contrastive")
-DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-POOLING = ("mean", "last")
-ATTENTION = ("gqa", "mla")
-ROPE_SCALING = ("none", "linear", "ntk", "yarn")
-ROUTER_SCORES = ("softmax", "sigmoid")
-BALANCE = ("aux", "aux_free", "none")
-AUX_LOSS_SCOPES = ("batch", "sequence")
-DISPATCH = ("capacity", "dropless")
-GROUPED_MATMUL = ("auto", "ragged_dot", "blocked")
-BAD_UTF8 = ("error", "skip")
-NONFINITE = ("skip", "restore", "halt")
-
-
+# The simple constraints of the schema, which fmjax.validate checks before any other:
+# the values a field may take, and the fields that must be > 0 or >= 0.
+CHOICES = {
+    "model.attention": ("gqa", "mla"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "model.rope_scaling.kind": ("none", "linear", "ntk", "yarn"),
+    "model.moe.score": ("softmax", "sigmoid"),
+    "model.moe.balance": ("aux", "aux_free", "none"),
+    "model.moe.aux_loss_scope": ("batch", "sequence"),
+    "model.moe.dispatch": ("capacity", "dropless"),
+    "model.moe.grouped_matmul": ("auto", "ragged_dot", "blocked"),
+    "data.bad_utf8": ("error", "skip"),
+    "data.tokenizer": ("bpe", "unigram"),
+    "objective.name": ("next_token", "sft", "dpo", "contrastive"),
+    "objective.dpo.loss": ("sigmoid", "ipo", "hinge"),
+    "objective.contrastive.pooling": ("mean", "last"),
+    "optimizer.name": ("adamw", "lion"),
+    "optimizer.schedule": ("cosine", "wsd", "constant"),
+    "train.nonfinite": ("skip", "restore", "halt"),
+}
+POSITIVE = (
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
+    "model.n_kv_heads", "model.kv_lora_rank", "model.qk_rope_head_dim", "model.v_head_dim",
+    "model.rope_theta", "model.moe.moe_intermediate_size", "model.moe.moe_layer_freq",
+    "model.moe.n_group", "model.moe.routed_scaling_factor", "model.moe.capacity_factor",
+    "data.max_doc_bytes", "objective.dpo.beta", "objective.contrastive.temperature",
+    "optimizer.lr", "train.steps", "train.batch_size", "train.microbatches", "train.log_every",
+    "train.nonfinite_max_consecutive", "checkpoint.keep", "lora.alpha")
+NON_NEGATIVE = (
+    "model.head_dim", "model.q_lora_rank", "model.qk_nope_head_dim", "model.mtp_depth",
+    "model.mtp_weight", "model.rope_scaling.mscale", "model.moe.n_routed_experts",
+    "model.moe.n_shared_experts", "model.moe.aux_loss_coef", "model.moe.router_z_loss_coef",
+    "data.num_workers", "data.shards", "data.task_size", "objective.z_loss",
+    "objective.ce_chunk", "objective.contrastive.projection_dim", "optimizer.warmup_steps",
+    "optimizer.decay_steps", "optimizer.clip_norm", "train.eval_every", "train.spike_zscore",
+    "checkpoint.every", "lora.rank")
 
 
 def base() -> ml_collections.ConfigDict:

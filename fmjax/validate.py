@@ -16,9 +16,6 @@ import re
 import ml_collections
 
 from fmjax import config as config_lib
-from fmjax.config import (ATTENTION, AUX_LOSS_SCOPES, BAD_UTF8, BALANCE, DISPATCH, DPO_LOSSES,
-                          DTYPES, GROUPED_MATMUL, NONFINITE, OBJECTIVES, OPTIMIZERS, POOLING,
-                          REMAT, ROPE_SCALING, ROUTER_SCORES, SCHEDULES)
 from fmjax.data import mixture
 from fmjax.data.tokenizer import MIN_VOCAB_SIZE  # the tokenizer is trained at model.vocab_size
 from fmjax.errors import ConfigError
@@ -72,14 +69,26 @@ def _wrong_types(cfg, schema, prefix=""):
              f"expected {type(default).__name__} like {default!r}")
 
 
-def _choice(path, value, options):
-  if value not in options:
-    raise ConfigError(f"{path}={value!r} is not one of {', '.join(options)}")
+def _get(cfg, path: str):
+  for key in path.split("."):
+    cfg = cfg[key]
+  return cfg
 
 
 def _positive(path, value, allow_zero=False):
   if value < 0 or (value == 0 and not allow_zero):
     raise ConfigError(f"{path}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_constraints(cfg):
+  """The schema's simple constraints (fmjax.config.CHOICES, POSITIVE, NON_NEGATIVE)."""
+  for path, options in config_lib.CHOICES.items():
+    if _get(cfg, path) not in options:
+      raise ConfigError(f"{path}={_get(cfg, path)!r} is not one of {', '.join(options)}")
+  for path in config_lib.POSITIVE:
+    _positive(path, _get(cfg, path))
+  for path in config_lib.NON_NEGATIVE:
+    _positive(path, _get(cfg, path), allow_zero=True)
 
 
 def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
@@ -93,17 +102,14 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   for problem in _wrong_types(cfg, schema):
     raise ConfigError(problem)
 
+  _check_constraints(cfg)
+
   m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
-  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
-    _positive(f"model.{name}", m[name])
-  _choice("model.attention", m.attention, ATTENTION)
   if m.attention == "gqa":
     _check_gqa(m)
-  else:
-    _check_mla(m)
-  _choice("model.dtype", m.dtype, DTYPES)
-  _choice("model.remat", m.remat, REMAT)
-  _positive("model.rope_theta", m.rope_theta)
+  elif m.qk_rope_head_dim % 2:
+    raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for "
+                      "rotary embeddings")
   _check_rope_scaling(m.rope_scaling)
   _check_moe(m)
 
@@ -115,52 +121,30 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   except ValueError as e:
     field = "data.curriculum" if str(e).startswith("curriculum") else "data.mixture"
     raise ConfigError(f"{field}={d[field.split('.')[1]]!r}: {e}") from None
-  _choice("data.bad_utf8", d.bad_utf8, BAD_UTF8)
-  _positive("data.max_doc_bytes", d.max_doc_bytes)
   if not 0 <= d.max_skip_fraction <= 1:
     raise ConfigError(f"data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
-  _choice("data.tokenizer", d.tokenizer, ("bpe", "unigram"))
   if d.seq_len < 2:
     raise ConfigError(f"data.seq_len={d.seq_len} must be >= 2")
-  _positive("data.num_workers", d.num_workers, allow_zero=True)
-  _positive("data.shards", d.shards, allow_zero=True)
   if d.shards and t.batch_size % d.shards:
     raise ConfigError(f"data.shards={d.shards} must divide train.batch_size={t.batch_size}")
 
-  _choice("objective.name", cfg.objective.name, OBJECTIVES)
-  _positive("objective.z_loss", cfg.objective.z_loss, allow_zero=True)
-  _positive("objective.ce_chunk", cfg.objective.ce_chunk, allow_zero=True)
   if cfg.objective.ce_chunk and d.seq_len % cfg.objective.ce_chunk:
     raise ConfigError(f"objective.ce_chunk={cfg.objective.ce_chunk} must divide "
                       f"data.seq_len={d.seq_len}; pick a divisor, or 0 for no chunking")
 
   _check_posttraining(cfg)
 
-  _choice("optimizer.name", o.name, OPTIMIZERS)
-  _choice("optimizer.schedule", o.schedule, SCHEDULES)
-  _positive("optimizer.lr", o.lr)
-  _positive("optimizer.warmup_steps", o.warmup_steps, allow_zero=True)
-  _positive("optimizer.decay_steps", o.decay_steps, allow_zero=True)
-  _positive("optimizer.clip_norm", o.clip_norm, allow_zero=True)
   if not 0 <= o.min_lr_ratio <= 1:
     raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   if not 0 < o.wsd_decay_fraction <= 1:
     raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")
 
-  for name in ("steps", "batch_size", "microbatches", "log_every"):
-    _positive(f"train.{name}", t[name])
-  _positive("train.eval_every", t.eval_every, allow_zero=True)
-  _choice("train.nonfinite", t.nonfinite, NONFINITE)
-  _positive("train.nonfinite_max_consecutive", t.nonfinite_max_consecutive)
-  _positive("train.spike_zscore", t.spike_zscore, allow_zero=True)
   if not 0 < t.spike_decay < 1:
     raise ConfigError(f"train.spike_decay={t.spike_decay} must be in (0, 1), e.g. 0.98")
   try:
     parse_duration(t.max_runtime)
   except ValueError as e:
     raise ConfigError(f"train.max_runtime: {e}") from None
-  _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
-  _positive("checkpoint.keep", cfg.checkpoint.keep)
 
   shape = mesh_shape(cfg.mesh, n_devices)
   _check_rules(cfg.sharding, shape)
@@ -186,25 +170,17 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
 
 def _check_posttraining(cfg):
   o, dp, c, lo = cfg.objective, cfg.objective.dpo, cfg.objective.contrastive, cfg.lora
-  _positive("data.task_size", cfg.data.task_size, allow_zero=True)
-  _choice("objective.dpo.loss", dp.loss, DPO_LOSSES)
-  _positive("objective.dpo.beta", dp.beta)
   if not 0 <= dp.label_smoothing < 0.5:
     raise ConfigError(f"objective.dpo.label_smoothing={dp.label_smoothing} must be in [0, 0.5)")
   if o.name == "dpo" and not (dp.reference or cfg.checkpoint.init_from):
     raise ConfigError("objective.name='dpo' needs a reference model: set "
                       "objective.dpo.reference or checkpoint.init_from to a workdir")
-  _choice("objective.contrastive.pooling", c.pooling, POOLING)
-  _positive("objective.contrastive.projection_dim", c.projection_dim, allow_zero=True)
-  _positive("objective.contrastive.temperature", c.temperature)
   if c.max_logit_scale < 1:
     raise ConfigError(f"objective.contrastive.max_logit_scale={c.max_logit_scale} must be "
                       ">= 1 (CLIP's is 100)")
   if o.name == "contrastive" and cfg.train.microbatches != 1:
     raise ConfigError(f"train.microbatches={cfg.train.microbatches} must be 1 for "
                       "objective.name='contrastive': its negatives are the whole batch")
-  _positive("lora.rank", lo.rank, allow_zero=True)
-  _positive("lora.alpha", lo.alpha)
   if lo.rank:
     pats = lora.patterns(lo.targets)
     if not pats:
@@ -220,8 +196,6 @@ def _check_posttraining(cfg):
 
 
 def _check_gqa(m):
-  _positive("model.n_kv_heads", m.n_kv_heads)
-  _positive("model.head_dim", m.head_dim, allow_zero=True)
   if not m.head_dim and m.d_model % m.n_heads:
     raise ConfigError(
         f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
@@ -235,35 +209,17 @@ def _check_gqa(m):
                       "change model.head_dim or model.d_model/model.n_heads")
 
 
-def _check_mla(m):
-  _positive("model.q_lora_rank", m.q_lora_rank, allow_zero=True)
-  for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
-    _positive(f"model.{name}", m[name])
-  _positive("model.qk_nope_head_dim", m.qk_nope_head_dim, allow_zero=True)
-  if m.qk_rope_head_dim % 2:
-    raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for "
-                      "rotary embeddings")
-
-
 def _check_moe(m):
   e = m.moe
-  _positive("model.mtp_depth", m.mtp_depth, allow_zero=True)
-  _positive("model.mtp_weight", m.mtp_weight, allow_zero=True)
-  _positive("model.moe.n_routed_experts", e.n_routed_experts, allow_zero=True)
   if not e.n_routed_experts:
     return
   E = e.n_routed_experts
   if not 1 <= e.experts_per_token <= E:
     raise ConfigError(f"model.moe.experts_per_token={e.experts_per_token} must be in "
                       f"[1, n_routed_experts={E}]")
-  _positive("model.moe.n_shared_experts", e.n_shared_experts, allow_zero=True)
-  _positive("model.moe.moe_intermediate_size", e.moe_intermediate_size)
-  _positive("model.moe.moe_layer_freq", e.moe_layer_freq)
   if not 0 <= e.first_k_dense < m.n_layers:
     raise ConfigError(f"model.moe.first_k_dense={e.first_k_dense} must be in [0, "
                       f"n_layers={m.n_layers}): at least one layer must be MoE")
-  _choice("model.moe.score", e.score, ROUTER_SCORES)
-  _positive("model.moe.n_group", e.n_group)
   if E % e.n_group:
     raise ConfigError(f"model.moe.n_group={e.n_group} must divide n_routed_experts={E}")
   if not 1 <= e.topk_group <= e.n_group:
@@ -272,22 +228,13 @@ def _check_moe(m):
     raise ConfigError(f"model.moe.experts_per_token={e.experts_per_token} exceeds the "
                       f"{e.topk_group * (E // e.n_group)} experts of topk_group groups; "
                       "raise model.moe.topk_group")
-  _positive("model.moe.routed_scaling_factor", e.routed_scaling_factor)
-  _choice("model.moe.balance", e.balance, BALANCE)
-  _positive("model.moe.aux_loss_coef", e.aux_loss_coef, allow_zero=True)
   if e.balance == "aux" and not e.aux_loss_coef:
     raise ConfigError("model.moe.aux_loss_coef=0 with balance='aux': set a coefficient "
                       "(e.g. 0.01) or balance='none'")
-  _choice("model.moe.aux_loss_scope", e.aux_loss_scope, AUX_LOSS_SCOPES)
-  _positive("model.moe.router_z_loss_coef", e.router_z_loss_coef, allow_zero=True)
   _positive("model.moe.bias_update_rate", e.bias_update_rate, allow_zero=e.balance != "aux_free")
-  _choice("model.moe.dispatch", e.dispatch, DISPATCH)
-  _positive("model.moe.capacity_factor", e.capacity_factor)
-  _choice("model.moe.grouped_matmul", e.grouped_matmul, GROUPED_MATMUL)
 
 
 def _check_rope_scaling(r):
-  _choice("model.rope_scaling.kind", r.kind, ROPE_SCALING)
   if r.factor < 1:
     raise ConfigError(f"model.rope_scaling.factor={r.factor} must be >= 1 (the context "
                       "is extended by this factor)")
@@ -298,7 +245,6 @@ def _check_rope_scaling(r):
     if not r.beta_fast > r.beta_slow > 0:
       raise ConfigError(f"model.rope_scaling.beta_fast={r.beta_fast} must exceed "
                         f"beta_slow={r.beta_slow} > 0 (rotations per original context)")
-  _positive("model.rope_scaling.mscale", r.mscale, allow_zero=True)
 
 
 def _check_rules(sharding, shape):

@@ -32,10 +32,11 @@ def test_no_restart_without_transparent_huge_pages(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_the_process_restarts_once_with_the_tunable():
-  code = ("import os; from fmjax import host_malloc; print('start', flush=True); "
+  code = ("import os; from fmjax.runtime import host_malloc; print('start', flush=True); "
           "host_malloc.reexec(thp='madvise'); print(os.environ['GLIBC_TUNABLES'])")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FMJAX_HUGEPAGES")}
-  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(host_malloc.__file__)))
+  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(host_malloc.__file__))))  # the directory holding fmjax/
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=60, check=True).stdout.split()
   assert out == ["start", "start", "glibc.malloc.hugetlb=1"]

@@ -94,7 +94,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--prompt_len", type=int, default=256)
   parser.add_argument("--new_tokens", type=int, default=128)
-  parser.add_argument("--dtype", default="float32", choices=config_lib.DTYPES)
+  parser.add_argument("--dtype", default="float32", choices=config_lib.CHOICES["model.dtype"])
   parser.add_argument("--repeats", type=int, default=2)
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind} x1, jax {jax.__version__}; batch {args.batch}, "

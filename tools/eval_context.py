@@ -25,7 +25,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--seq_len", type=int, required=True)
-  parser.add_argument("--rope_scaling", default="none", choices=config_lib.ROPE_SCALING)
+  parser.add_argument("--rope_scaling", default="none", choices=config_lib.CHOICES["model.rope_scaling.kind"])
   parser.add_argument("--factor", type=float, default=1.0)
   parser.add_argument("--tokens", type=int, default=32768, help="held-out tokens to evaluate")
   args = parser.parse_args(argv)
