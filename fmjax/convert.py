@@ -25,6 +25,8 @@ line starting 'fmjax:'.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
 import os
@@ -72,18 +74,11 @@ def workdir_arrays(workdir: str, step: int | None, m):
 
   def read():
     for t, shape in tables.tensor_table(m, model_lib.param_decls(m)):
-      target, args = {}, {}
-      *parents, leaf = t.param.split(".")
-      node_t, node_a = target, args
-      for p in parents:
-        node_t, node_a = node_t.setdefault(p, {}), node_a.setdefault(p, {})
-      node_t[leaf] = np.zeros((), decls[t.param].dtype)  # only the tree structure is used
-      node_a[leaf] = ocp.RestoreArgs(restore_type=np.ndarray)
+      target = _nest({}, t.param, np.zeros((), decls[t.param].dtype))  # only its structure is used
+      args = _nest({}, t.param, ocp.RestoreArgs(restore_type=np.ndarray))
       out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           {"params": target}, restore_args={"params": args}, partial_restore=True)))
-      x = out["state"]["params"]
-      for p in t.param.split("."):
-        x = x[p]
+      x = functools.reduce(lambda node, p: node[p], t.param.split("."), out["state"]["params"])
       if x.shape != shape:
         raise FormatError(f"checkpoint {step} has shape {x.shape} for {t.param} but "
                           f"config.json needs {shape}")
@@ -97,12 +92,8 @@ def workdir_arrays(workdir: str, step: int | None, m):
 def tokenizer_file(cfg, choice: str) -> str | None:
   if choice == "none":
     return None
-  if choice != "auto":
-    path = choice
-  elif cfg.data.tokenizer_path:
-    path = cfg.data.tokenizer_path
-  else:
-    path = tokenizer_lib.model_path(cfg.data.data_dir, cfg.model.vocab_size, cfg.data.tokenizer)
+  path = choice if choice != "auto" else (cfg.data.tokenizer_path or tokenizer_lib.model_path(
+      cfg.data.data_dir, cfg.model.vocab_size, cfg.data.tokenizer))
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise FormatError(f"the run's tokenizer {path} does not exist; pass "
@@ -110,19 +101,28 @@ def tokenizer_file(cfg, choice: str) -> str | None:
   return path
 
 
-def _fresh(out: str) -> str:
-  """A temporary directory beside `out`, which must not exist or be empty."""
+def _nest(tree: dict, name: str, value) -> dict:
+  """`tree` with `value` at dotted `name` ('layers.wq': tree['layers']['wq'])."""
+  *parents, leaf = name.split(".")
+  functools.reduce(lambda node, p: node.setdefault(p, {}), parents, tree)[leaf] = value
+  return tree
+
+
+@contextlib.contextmanager
+def _fresh(out: str):
+  """A temporary directory beside `out` (which must not exist or be empty), renamed to
+  `out` when the block completes and removed if it fails."""
   out = os.path.abspath(os.path.expanduser(out))
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise FormatError(f"--out={out} exists and is not empty; choose a new directory")
   tmp = out + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  return tmp
-
-
-def _finish(tmp: str, out: str):
-  out = os.path.abspath(os.path.expanduser(out))
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if os.path.isdir(out):
     os.rmdir(out)
   os.replace(tmp, out)
@@ -138,15 +138,10 @@ def to_hf(workdir: str, out: str, step: int | None = None, dtype: str = "float32
     step, arrays = workdir_arrays(workdir, step, cfg.model)
   except FileNotFoundError as e:
     raise FormatError(str(e)) from None
-  tmp = _fresh(out)
-  try:
+  with _fresh(out) as tmp:
     hf.save(tmp, cfg.model, cfg.data.seq_len, arrays, max_shard_bytes, dtype)
     if token_file:
       hf.write_tokenizer(tmp, token_file)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  _finish(tmp, out)
   return step
 
 
@@ -159,19 +154,14 @@ def from_hf(hf_dir: str, out: str):
   hf_cfg, _ = hf.read_config(hf_dir)
   if hf_cfg.get("max_position_embeddings"):  # the length it was trained at, as a start
     cfg.data.seq_len = int(hf_cfg["max_position_embeddings"])
-  tmp = _fresh(out)
   final = os.path.abspath(os.path.expanduser(out))
-  try:
+  with _fresh(out) as tmp:
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
       shutil.copyfile(os.path.join(hf_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
       cfg.data.tokenizer_path = os.path.join(final, "tokenizer.model")
     params = {}
     for name, x in hf.arrays(hf_dir, cfg.model):
-      *parents, leaf = name.split(".")
-      node = params
-      for p in parents:
-        node = node.setdefault(p, {})
-      node[leaf] = jax.device_put(x, jax.devices("cpu")[0])  # no copy on the host
+      _nest(params, name, jax.device_put(x, jax.devices("cpu")[0]))  # no copy on the host
     with open(os.path.join(tmp, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
     # the model once in memory, plus orbax's copies of about one parameter for writing
@@ -179,10 +169,6 @@ def from_hf(hf_dir: str, out: str):
     with checkpoint_lib.Checkpointer(os.path.join(tmp, "checkpoints"), keep=1, async_save=False,
                                      save_gb_in_flight=math.ceil(largest / 1e9)) as ckpt:
       ckpt.save(0, {"params": params})
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  _finish(tmp, out)
 
 
 def main(argv=None) -> int:

@@ -98,14 +98,13 @@ class Launcher:
     else:
       self._signal(signal.SIGKILL)
 
-  def _signal(self, sig, group=True, skip=()):
-    for i, p in enumerate(self.procs):
-      if i in skip or p.poll() is not None and not group:
-        continue
+  def _signal(self, sig, group=True):
+    """`sig` to each process's group, or (group=False) to each process still running."""
+    for p in self.procs:
       try:
         if group:
           os.killpg(p.pid, sig)
-        else:
+        elif p.poll() is None:
           p.send_signal(sig)
       except (ProcessLookupError, PermissionError):
         pass

@@ -20,7 +20,7 @@ from fmjax.data import task_batches, tasks, tokenizer as tokenizer_lib
 from fmjax.nn import decoding
 from fmjax.nn.spec import ModelSpec
 from fmjax.posttrain import lora
-from fmjax.train import trained_run
+from fmjax.train import records, trained_run
 
 
 def task_accuracy(params, cfg, tokenizer, examples: int = 300, batch: int = 100,
@@ -53,8 +53,7 @@ def main(argv=None):
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   result = dict(task_accuracy(params, cfg, tok, args.examples), step=step)
   print(json.dumps(result, indent=2, sort_keys=True))
-  with open(os.path.join(args.workdir, "task_eval.json"), "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
+  records.write_json(os.path.join(args.workdir, "task_eval.json"), result)
 
 
 if __name__ == "__main__":

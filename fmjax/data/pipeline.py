@@ -197,12 +197,8 @@ class _SkipBadIterator(grain.DatasetIterator):
 def pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   """Token documents -> rows of seq_len with segment ids and positions."""
   packed = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"tokens": seq_len})
-  return packed.map(_rename)
-
-
-def _rename(row):
-  return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
-          "positions": row["tokens_positions"]}
+  return packed.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
+                               "positions": r["tokens_positions"]})
 
 
 def open_sources(d, split: str) -> dict[str, sources_lib.Source]:

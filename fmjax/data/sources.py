@@ -73,20 +73,16 @@ def parse(spec: str) -> Spec:
   kind = kind.strip()
   if kind not in KINDS:
     raise ValueError(f"unknown source {kind!r} in {spec!r}; sources are {', '.join(KINDS)}")
-  if not paren:
-    args, kwargs = (), ()
-  else:
-    if not rest.endswith(")"):
-      raise ValueError(f"source {spec!r} must end with ')'")
-    args, kwargs = [], []
-    for item in filter(None, (a.strip() for a in split_top_level(rest[:-1], ","))):
-      key, eq, value = item.partition("=")
-      if eq and key.strip().isidentifier():
-        kwargs.append((key.strip(), value.strip()))
-      else:
-        args.append(item)
-    args, kwargs = tuple(args), tuple(kwargs)
-  s = Spec(kind, args, kwargs)
+  if paren and not rest.endswith(")"):
+    raise ValueError(f"source {spec!r} must end with ')'")
+  args, kwargs = [], []
+  for item in filter(None, (a.strip() for a in split_top_level(rest[:-1], ","))):
+    key, eq, value = item.partition("=")
+    if eq and key.strip().isidentifier():
+      kwargs.append((key.strip(), value.strip()))
+    else:
+      args.append(item)
+  s = Spec(kind, tuple(args), tuple(kwargs))
   _check_arguments(s, spec)
   return s
 
@@ -140,7 +136,7 @@ def _open_tfds(s: Spec, spec: str, split: str, data_dir: str) -> Source:
     raise FileNotFoundError(f"source {spec!r}: cannot read split {tfds_split!r} of "
                             f"a prepared TFDS dataset {name!r} in {directory} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
-  return Source(spec, split, _TextField(records, s.get("text_key", "text")), False,
+  return Source(spec, split, _Text(records, s.get("text_key", "text")), False,
                 Described(f"tfds {name} split {tfds_split} in {directory}"), {})
 
 
@@ -150,7 +146,7 @@ def _open_arrayrecord(s: Spec, spec: str, split: str) -> Source:
   if not paths:
     raise FileNotFoundError(f"source {spec!r}: no files match {pattern}; write them with "
                             "tools/convert_text.py")
-  return Source(spec, split, _RawText(ArrayRecordDataSource(paths)), False, FileRecords(paths),
+  return Source(spec, split, _Text(ArrayRecordDataSource(paths)), False, FileRecords(paths),
                 {"files": len(paths)})
 
 
@@ -182,16 +178,18 @@ class FileRecords:
     return f"{self.paths[f]} record {i - self._starts[f]}"
 
 
-class _TextField:
-  """A TFDS source's records, reduced to {"text": bytes} from one feature."""
+class _Text:
+  """Records as {"text": bytes}: ArrayRecord's bytes as they are, or a TFDS feature `key`."""
 
-  def __init__(self, source, key: str):
+  def __init__(self, source, key: str | None = None):
     self.source, self.key = source, key
 
   def __len__(self):
     return len(self.source)
 
   def _text(self, record):
+    if self.key is None:
+      return {"text": record}
     if self.key not in record:
       raise KeyError(f"records have no feature {self.key!r} (they have "
                      f"{', '.join(record)}); set text_key= in the tfds(...) source")
@@ -202,19 +200,3 @@ class _TextField:
 
   def __getitems__(self, indices):
     return [self._text(r) for r in self.source.__getitems__(indices)]
-
-
-class _RawText:
-  """ArrayRecord records (bytes) as {"text": bytes}."""
-
-  def __init__(self, source):
-    self.source = source
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getitem__(self, i):
-    return {"text": self.source[i]}
-
-  def __getitems__(self, indices):
-    return [{"text": r} for r in self.source.__getitems__(indices)]

@@ -54,9 +54,19 @@ class Chain:
     """The smallest model vocabulary that holds every token of this source."""
     return FIRST_ID + self.states
 
+  @functools.lru_cache(maxsize=8)
   def transitions(self) -> tuple[np.ndarray, np.ndarray]:
     """(successors, probabilities), both (states, branching); rows of probabilities sum to 1."""
-    return _transitions(self)
+    rng = np.random.default_rng(np.random.SeedSequence((self.seed, 0x5EED)))
+    n, k = self.states, self.branching
+    succ = np.empty((n, k), np.int64)
+    for i in range(n):
+      others = np.setdiff1d(np.arange(n), [i, (i + 1) % n])
+      succ[i] = np.concatenate([[i, (i + 1) % n], rng.choice(others, k - 2, replace=False)])
+    succ.flags.writeable = False
+    prob = rng.dirichlet(np.ones(k), size=n)
+    prob.flags.writeable = False
+    return succ, prob
 
   def matrix(self) -> np.ndarray:
     """The dense transition matrix P (states, states), float64."""
@@ -65,9 +75,17 @@ class Chain:
     np.put_along_axis(p, succ, prob, axis=1)
     return p
 
+  @functools.lru_cache(maxsize=8)
   def stationary(self) -> np.ndarray:
     """pi with pi P = pi and sum(pi) = 1 (unique: the chain is irreducible)."""
-    return _stationary(self)
+    # (P^T - I) pi = 0 with one equation replaced by sum(pi) = 1: a linear solve.
+    a = self.matrix().T - np.eye(self.states)
+    a[-1] = 1.0
+    b = np.zeros(self.states)
+    b[-1] = 1.0
+    pi = np.linalg.solve(a, b)
+    pi.flags.writeable = False
+    return pi
 
   def entropy_rate(self) -> float:
     """H = -sum_i pi_i sum_j P_ij log P_ij, in nats per token."""
@@ -77,32 +95,6 @@ class Chain:
   def metadata(self) -> dict:
     return {"entropy_nats_per_token": self.entropy_rate(), "vocab_size": self.vocab_size,
             **dataclasses.asdict(self)}
-
-
-@functools.lru_cache(maxsize=8)
-def _transitions(chain: Chain):
-  rng = np.random.default_rng(np.random.SeedSequence((chain.seed, 0x5EED)))
-  n, k = chain.states, chain.branching
-  succ = np.empty((n, k), np.int64)
-  for i in range(n):
-    others = np.setdiff1d(np.arange(n), [i, (i + 1) % n])
-    succ[i] = np.concatenate([[i, (i + 1) % n], rng.choice(others, k - 2, replace=False)])
-  succ.flags.writeable = False
-  prob = rng.dirichlet(np.ones(k), size=n)
-  prob.flags.writeable = False
-  return succ, prob
-
-
-@functools.lru_cache(maxsize=8)
-def _stationary(chain: Chain):
-  # (P^T - I) pi = 0 with one equation replaced by sum(pi) = 1: a linear solve.
-  a = chain.matrix().T - np.eye(chain.states)
-  a[-1] = 1.0
-  b = np.zeros(chain.states)
-  b[-1] = 1.0
-  pi = np.linalg.solve(a, b)
-  pi.flags.writeable = False
-  return pi
 
 
 class Documents:

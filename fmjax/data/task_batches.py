@@ -58,23 +58,21 @@ def _sequence(prompt_ids, response_ids):
 
 
 def _padded(tokens, mask, seq_len, prefix):
-  row = {f"{prefix}tokens": np.zeros(seq_len, np.int32),
-         f"{prefix}segment_ids": np.zeros(seq_len, np.int32),
-         f"{prefix}positions": np.zeros(seq_len, np.int32)}
+  """One sequence alone in a row of seq_len, padded with 0; with a loss_mask unless it is None."""
   n = len(tokens)
-  row[f"{prefix}tokens"][:n] = tokens
-  row[f"{prefix}segment_ids"][:n] = 1
-  row[f"{prefix}positions"][:n] = np.arange(n)
-  if mask is not None:
-    row[f"{prefix}loss_mask"] = np.zeros(seq_len, np.int32)
-    row[f"{prefix}loss_mask"][:n] = mask
-  return row
+  row = {"tokens": tokens, "segment_ids": np.ones(n), "positions": np.arange(n), "loss_mask": mask}
+  return {prefix + k: np.pad(np.asarray(v, np.int32), (0, seq_len - n))
+          for k, v in row.items() if v is not None}
 
 
-class _SftExample(grain.transforms.Map):
+class _Example(grain.transforms.Map):
+  """An example of a task dataset -> the rows of one batch element."""
 
   def __init__(self, tokenizer, seq_len):
     self.tokenizer, self.seq_len = tokenizer, seq_len
+
+
+class _SftExample(_Example):
 
   def map(self, e):
     tokens, mask = _sequence(*render(self.tokenizer, e["prompt"], e["response"]))
@@ -83,10 +81,7 @@ class _SftExample(grain.transforms.Map):
     return {"tokens": tokens, "loss_mask": mask}
 
 
-class _DpoExample(grain.transforms.Map):
-
-  def __init__(self, tokenizer, seq_len):
-    self.tokenizer, self.seq_len = tokenizer, seq_len
+class _DpoExample(_Example):
 
   def map(self, e):
     row = {}
@@ -99,24 +94,19 @@ class _DpoExample(grain.transforms.Map):
     return row
 
 
-class _PairExample(grain.transforms.Map):
-
-  def __init__(self, tokenizer, seq_len):
-    self.tokenizer, self.seq_len = tokenizer, seq_len
+class _PairExample(_Example):
 
   def map(self, e):
     tok, row = self.tokenizer, {}
     for side in ("anchor", "positive"):
       ids = ([tok.bos_id] + tok.encode(e[side]) + [tok.eos_id])[:self.seq_len]
-      row.update(_padded(np.asarray(ids, np.int32), None, self.seq_len, f"{side}_"))
+      row.update(_padded(ids, None, self.seq_len, f"{side}_"))
     return row
 
 
 def _examples(source, split, seed):
   ds = grain.MapDataset.source(source)
   return ds.shuffle(seed=pipeline._mix(seed)).repeat() if split == "train" else ds  # pylint: disable=protected-access
-
-
 
 
 def sft_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: int,

@@ -103,9 +103,6 @@ class Instructions:
     e = self._example(i)
     return {k: e[k] for k in ("task", "prompt", "response")}
 
-  def __getitems__(self, indices):
-    return [self[i] for i in indices]
-
 
 class Preferences(Instructions):
   """Random-access DPO triples: {"task", "prompt", "chosen", "rejected"} (str)."""
@@ -146,6 +143,3 @@ class PassagePairs:
     m = self.max_verses
     return {"chapter": name, "anchor": "\n".join(verses[max(0, cut - m):cut]),
             "positive": "\n".join(verses[cut:cut + m])}
-
-  def __getitems__(self, indices):
-    return [self[i] for i in indices]

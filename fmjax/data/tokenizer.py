@@ -32,27 +32,13 @@ class Tokenizer:
   def __init__(self, path: str):
     self.path = path
     self._sp = spm.SentencePieceProcessor(model_file=path)
-    if self._sp.pad_id() != 0:
-      raise ValueError(f"{path}: pad id is {self._sp.pad_id()}, expected 0")
+    self.vocab_size, self.pad_id = self._sp.vocab_size(), self._sp.pad_id()
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    if self.pad_id != 0:
+      raise ValueError(f"{path}: pad id is {self.pad_id}, expected 0")
 
   def __reduce__(self):
     return Tokenizer, (self.path,)
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.vocab_size()
-
-  @property
-  def pad_id(self) -> int:
-    return self._sp.pad_id()
-
-  @property
-  def bos_id(self) -> int:
-    return self._sp.bos_id()
-
-  @property
-  def eos_id(self) -> int:
-    return self._sp.eos_id()
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text, out_type=int)

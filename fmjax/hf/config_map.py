@@ -93,9 +93,8 @@ def _check_moe(m, fmt: Format):
 def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
   """The HF config.json of model config `m` (checked with `check_model` first)."""
   fmt = check_model(m)
-  c = {"architectures": [fmt.architecture], "model_type": fmt.model_type}
-  for field, key in fmt.fields.items():
-    c[key] = m[field]
+  c = {"architectures": [fmt.architecture], "model_type": fmt.model_type,
+       **{key: m[field] for field, key in fmt.fields.items()}}
   if fmt is LLAMA:
     c["head_dim"] = head_dim(m)
   else:
@@ -233,9 +232,7 @@ def _rope_from_hf(hf_cfg: dict, fmt: Format, where: str):
   if rp.get("truncate", True) is False:
     raise FormatError(f"{where}: yarn with truncate=false is not supported")
   original = int(rp["original_max_position_embeddings"])
-  if factor is None:
-    factor = hf_cfg["max_position_embeddings"] / original
-  factor = float(factor)
+  factor = float(hf_cfg["max_position_embeddings"] / original if factor is None else factor)
   mscale, mscale_all = rp.get("mscale"), rp.get("mscale_all_dim")
   af = rp.get("attention_factor")
   if af is None:  # what transformers infers

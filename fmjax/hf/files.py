@@ -113,7 +113,7 @@ def check(directory: str, m=None) -> tuple[dict, Reader, list]:
 
 def _check_same_model(directory, fields, m):
   for name, value in _flat(fields):
-    have = m[name] if "." not in name else m[name.split(".")[0]][name.split(".")[1]]
+    have = m[name]  # a ConfigDict reads "moe.balance" as m.moe.balance
     if have != value:
       raise FormatError(f"model.{name}={have!r} but the checkpoint in {directory} has "
                         f"{value!r}; set the model from fmjax.hf.files.read_config({directory!r})[1]")
@@ -159,9 +159,8 @@ def load_params(directory: str, m, abstract_params):
   """The parameters of an HF directory, sharded like `abstract_params` (for init_from)."""
   names = [n for n, _ in leaves_with_names(abstract_params)]
   targets = dict(zip(names, jax.tree.leaves(abstract_params)))
-  values = {}
-  for name, x in arrays(directory, m):
-    values[name] = jax.make_array_from_callback(x.shape, targets[name].sharding, lambda idx: x[idx])
+  values = {name: jax.make_array_from_callback(x.shape, targets[name].sharding, lambda i: x[i])
+            for name, x in arrays(directory, m)}
   return jax.tree.unflatten(jax.tree.structure(abstract_params), [values[n] for n in names])
 
 

@@ -30,9 +30,7 @@ def _permute_rope(x: np.ndarray, R: int, to_hf: bool) -> np.ndarray:
 
 def hf_shape(t: Tensor, shape: tuple) -> tuple:
   """The HF shape of one layer's slice of shape `shape`."""
-  if not t.n_in:
-    return tuple(shape)
-  return (math.prod(shape[t.n_in:]), math.prod(shape[:t.n_in]))
+  return (math.prod(shape[t.n_in:]), math.prod(shape[:t.n_in])) if t.n_in else tuple(shape)
 
 
 def to_hf(t: Tensor, x: np.ndarray, m) -> np.ndarray:

@@ -86,8 +86,7 @@ class Writer:
     if len(self.files) > 1:
       weight_map = {s[0]: f for f, shard in zip(self.files, self.shards) for s in shard}
       with open(os.path.join(self.directory, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f,
-                  indent=2)
+        json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
 
 
 class Reader:
@@ -109,10 +108,9 @@ class Reader:
       files = [WEIGHTS]
     else:
       raise FormatError(f"no {WEIGHTS} or {INDEX} in {directory}")
-    self.entries = {}  # name -> (file, dtype code, shape, absolute offset)
-    for file in files:
-      for name, entry in _read_header(os.path.join(directory, file)).items():
-        self.entries[name] = (file,) + entry
+    self.entries = {name: (file,) + entry  # name -> (file, dtype code, shape, absolute offset)
+                    for file in files
+                    for name, entry in _read_header(os.path.join(directory, file)).items()}
     if os.path.isfile(index):
       for name, file in weight_map.items():
         if self.entries.get(name, (file,))[0] != file:

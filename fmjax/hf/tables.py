@@ -55,11 +55,8 @@ def _ends(m) -> tuple[list[Tensor], list[Tensor]]:
 def _llama_tensors(m) -> list[Tensor]:
   a = "model.layers.{i}.self_attn."
   first, last = _ends(m)
-  return first + [Tensor("layers.wq", a + "q_proj.weight", n_in=1),
-                  Tensor("layers.wk", a + "k_proj.weight", n_in=1),
-                  Tensor("layers.wv", a + "v_proj.weight", n_in=1),
-                  Tensor("layers.wo", a + "o_proj.weight", n_in=2)
-                  ] + _layer_tensors("layers", "dense", m) + last
+  return first + [Tensor(f"layers.w{x}", a + f"{x}_proj.weight", n_in=2 if x == "o" else 1)
+                  for x in "qkvo"] + _layer_tensors("layers", "dense", m) + last
 
 
 def _deepseek_tensors(m) -> list[Tensor]:

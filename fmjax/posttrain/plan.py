@@ -5,11 +5,11 @@
   lora.rank > 0. All are declared as `Param`s, so they are created and
   sharded like the model's; a run that starts from another run's checkpoint
   (checkpoint.init_from) restores the model's and initialises these
-  (fmjax.train.reference).
+  (fmjax.train.inputs).
 - Trained: every parameter; with LoRA, only the added ones (adapters, head).
   The optimizer sees the trained subtree only, so frozen weights have neither
   gradients nor optimizer state.
-- Frozen inputs: DPO's reference parameters (fmjax.train.reference).
+- Frozen inputs: DPO's reference parameters (fmjax.train.inputs).
 """
 
 from __future__ import annotations

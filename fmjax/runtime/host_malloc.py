@@ -33,10 +33,7 @@ def thp_mode(path: str = THP_ENABLED) -> str:
       text = f.read()
   except OSError:
     return "never"
-  for word in text.split():
-    if word.startswith("["):
-      return word.strip("[]")
-  return "never"
+  return next((w.strip("[]") for w in text.split() if w.startswith("[")), "never")
 
 
 def tunables_with_hugepages(environ) -> str | None:

@@ -33,9 +33,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-CPU_FLAGS = (
-    "--xla_cpu_experimental_ynn_fusion_type=",
-)
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 GPU_FLAGS = (
     "--xla_gpu_enable_latency_hiding_scheduler=true",
     "--xla_gpu_enable_triton_gemm=false",
@@ -48,6 +46,9 @@ TPU_FLAGS = (
     "--xla_tpu_overlap_compute_collective_tc=true",
     "--xla_enable_async_all_gather=true",
 )
+# platform -> (the environment variable its flags are read from, the flags)
+_SETTINGS = {"cpu": ("XLA_FLAGS", CPU_FLAGS), "gpu": ("XLA_FLAGS", GPU_FLAGS),
+             "tpu": ("LIBTPU_INIT_ARGS", TPU_FLAGS)}
 
 
 def platform() -> str:
@@ -74,12 +75,7 @@ def _merge(existing: str, extra) -> str:
 def apply(environ=os.environ) -> str:
   """Sets the flags for this process's accelerator; returns the platform found."""
   kind = platform()
-  if environ.get("FMJAX_XLA_FLAGS", "1") == "0":
-    return kind
-  if kind == "cpu":
-    environ["XLA_FLAGS"] = _merge(environ.get("XLA_FLAGS", ""), CPU_FLAGS)
-  elif kind == "gpu":
-    environ["XLA_FLAGS"] = _merge(environ.get("XLA_FLAGS", ""), GPU_FLAGS)
-  elif kind == "tpu":
-    environ["LIBTPU_INIT_ARGS"] = _merge(environ.get("LIBTPU_INIT_ARGS", ""), TPU_FLAGS)
+  if environ.get("FMJAX_XLA_FLAGS", "1") != "0" and kind in _SETTINGS:
+    var, extra = _SETTINGS[kind]
+    environ[var] = _merge(environ.get(var, ""), extra)
   return kind

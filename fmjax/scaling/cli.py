@@ -48,9 +48,7 @@ def main(argv=None) -> int:
   with open(os.path.join(args.out, "fit.json"), "w") as fh:
     json.dump(result, fh, indent=2)
   paths = plots.plot_all(result, N, D, L, C, args.out)
-  print(report(result))
-  for p in paths:
-    print(f"plot: {p}")
+  print("\n".join([report(result)] + [f"plot: {p}" for p in paths]))
   return 0
 
 
@@ -61,13 +59,11 @@ def report(result: dict) -> str:
   for k in PARAMETRIC_NAMES:
     ci = p["intervals"].get(k)
     lines.append(f"  {k:>5} = {p[k]:.4g}" + (f"   [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
-  if "entropy" in result:
-    h = result["entropy"]
+  if h := result.get("entropy"):
     lines.append(f"  the data's entropy H = {h['H']:.4g}: E - H = {h['E_minus_H']:+.4g} "
                  f"({h['relative_gap']:+.1%}), H {'inside' if h['H_in_interval'] else 'outside'} "
                  "E's interval")
-  ident = result.get("identifiability")
-  if ident and not ident["E_identified"]:
+  if (ident := result.get("identifiability")) and not ident["E_identified"]:
     lines.append(f"  warning: across the runs A/N^alpha changes by {ident['N_term_change']:.1%} "
                  f"and B/D^beta by {ident['D_term_change']:.1%}: a term that barely changes acts "
                  f"as a constant, so E is not identified; the floor E + A/N^alpha at the largest "
@@ -81,8 +77,7 @@ def report(result: dict) -> str:
   iso = result.get("isoflop", {})
   if "N_exponent" in iso:
     lines.append(f"IsoFLOP: N* ~ C^{iso['N_exponent']:.3f}, D* ~ C^{iso['D_exponent']:.3f}")
-  if "compute" in result:
-    c = result["compute"]
+  if c := result.get("compute"):
     lines.append(f"L(C) = {c['E']:.4g} + {c['A']:.4g} / C^{c['gamma']:.4f}")
   lines.append("compute-optimal (parametric fit):")
   for o in result["compute_optimal"]:

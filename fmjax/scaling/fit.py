@@ -86,9 +86,7 @@ def columns(rows: list[dict], n: str = "N", d: str = "D", loss: str = "loss",
     if missing:
       raise ValueError(f"row {missing[0]} has no {key!r} column; columns are "
                        f"{sorted(rows[missing[0]])}; pick the right one with --n_column/--loss_column")
-  N = np.array([r[n] for r in rows], np.float64)
-  D = np.array([r[d] for r in rows], np.float64)
-  L = np.array([r[loss] for r in rows], np.float64)
+  N, D, L = (np.array([r[k] for r in rows], np.float64) for k in (n, d, loss))
   C = np.array([r[c] for r in rows], np.float64) if c else 6 * N * D
   for name, x in (("N", N), ("D", D), ("loss", L), ("C", C)):
     if not np.all(np.isfinite(x)) or np.any(x <= 0):
@@ -155,14 +153,12 @@ def _best_starts(starts, logN, logD, logL, delta, k):
 
 
 def _minimise(starts, logN, logD, logL, delta):
-  best = None
-  for x0 in starts:
-    x0 = np.clip(x0, [lo for lo, _ in BOUNDS], [hi for _, hi in BOUNDS])
-    res = optimize.minimize(_parametric_objective, x0, args=(logN, logD, logL, delta),
-                            jac=True, method="L-BFGS-B", bounds=BOUNDS, options=LBFGS_OPTIONS)
-    if best is None or res.fun < best.fun:
-      best = res
-  return best
+  """The best L-BFGS result from `starts` (the first of equals), clipped into BOUNDS."""
+  lo, hi = np.array(BOUNDS).T
+  return min((optimize.minimize(_parametric_objective, np.clip(x0, lo, hi),
+                                args=(logN, logD, logL, delta), jac=True, method="L-BFGS-B",
+                                bounds=BOUNDS, options=LBFGS_OPTIONS) for x0 in starts),
+             key=lambda res: res.fun)
 
 
 def _to_fit(theta, objective) -> ParametricFit:
@@ -188,10 +184,9 @@ def fit_parametric(N, D, L, delta: float = 1e-3, grid: dict | None = None,
   fit = _to_fit(best.x, best.fun)
   if bootstrap:
     rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(bootstrap):
-      f = refit(fit, N, D, L, rng.integers(0, len(logL), len(logL)), delta, grid)
-      samples.append([getattr(f, k) for k in PARAMETRIC_NAMES])
+    fits = [refit(fit, N, D, L, rng.integers(0, len(logL), len(logL)), delta, grid)
+            for _ in range(bootstrap)]
+    samples = [[getattr(f, k) for k in PARAMETRIC_NAMES] for f in fits]
     lo, hi = np.quantile(np.array(samples), [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     fit.intervals = {k: (float(l), float(h)) for k, l, h in zip(PARAMETRIC_NAMES, lo, hi)}
   return fit
@@ -230,11 +225,6 @@ class IsoFLOPFit:
   N_coefficient: float
   D_exponent: float
   D_coefficient: float
-
-  def optimal(self, C):
-    C = np.asarray(C, np.float64)
-    return {"N": self.N_coefficient * C ** self.N_exponent,
-            "D": self.D_coefficient * C ** self.D_exponent}
 
   def as_dict(self):
     return dataclasses.asdict(self)
@@ -311,13 +301,10 @@ def fit_compute(C, L, delta: float = 1e-3) -> ComputeFit:
     value, g = _parametric_objective(np.array([a, -1e3, e, gamma, 0.0]), logC, ones, logL, delta)
     return value, g[[0, 2, 3]]
 
-  best = None
-  for x0 in itertools.product((0.0, 5.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.05, 0.2, 0.5)):
-    res = optimize.minimize(objective, np.array(x0), jac=True, method="L-BFGS-B",
-                            options=LBFGS_OPTIONS)
-    if best is None or res.fun < best.fun:
-      best = res
-  a, e, gamma = best.x
+  starts = itertools.product((0.0, 5.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.05, 0.2, 0.5))
+  a, e, gamma = min((optimize.minimize(objective, np.array(x0), jac=True, method="L-BFGS-B",
+                                       options=LBFGS_OPTIONS) for x0 in starts),
+                    key=lambda res: res.fun).x
   return ComputeFit(E=math.exp(e), A=math.exp(a), gamma=float(gamma))
 
 
@@ -376,8 +363,7 @@ def fit_all(N, D, L, C, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0
   out["leave_one_budget_out"] = leave_one_budget_out(N, D, L, C, delta=delta, full=par)
   out["identifiability"] = identifiability(out["parametric"], N, D)
   try:
-    iso = fit_isoflop(N, D, L, C)
-    out["isoflop"] = iso.as_dict()
+    out["isoflop"] = fit_isoflop(N, D, L, C).as_dict()
   except ValueError as e:
     out["isoflop"] = {"skipped": str(e)}
   fC, fL = frontier(C, L)
@@ -418,9 +404,7 @@ def known_entropy(rows: list[dict], column: str = "data_entropy_nats") -> float 
   then be checked against the truth. None when any row lacks it or rows disagree.
   """
   values = {r.get(column) for r in rows}
-  if len(values) != 1 or None in values:
-    return None
-  return float(values.pop())
+  return float(values.pop()) if len(values) == 1 and None not in values else None
 
 
 def compare_entropy(fit: dict, entropy: float) -> dict:

@@ -65,10 +65,8 @@ class Member:
 
 def member_name(overrides: dict) -> str:
   """A short, filesystem-safe name: 'flops=1e+13,depth=2' -> 'flops1e+13_depth2'."""
-  parts = []
-  for key, value in overrides.items():
-    v = f"{value:g}" if isinstance(value, float) else str(value)
-    parts.append(f"{key.split('.')[-1]}{v}")
+  parts = [key.split(".")[-1] + (f"{value:g}" if isinstance(value, float) else str(value))
+           for key, value in overrides.items()]
   return re.sub(r"[^A-Za-z0-9_+.=-]", "-", "_".join(parts)) or "base"
 
 
@@ -197,8 +195,7 @@ def collect(members: list[Member], workdir: str) -> list[dict]:
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, RECORDS + ".tmp")
   with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+    f.writelines(json.dumps(r) + "\n" for r in rows)
   os.replace(tmp, os.path.join(workdir, RECORDS))
   return rows
 

@@ -22,7 +22,6 @@ from fmjax.train import objectives, state as state_lib, step as step_lib
 
 def synthetic_batch(cfg, seed: int = 0) -> dict:
   """A (batch_size, seq_len) batch of random tokens, one document per row."""
-
   rng = np.random.default_rng(seed)
   B, T = cfg.train.batch_size, cfg.data.seq_len
   return {"tokens": rng.integers(1, cfg.model.vocab_size, (B, T), dtype=np.int32),
@@ -32,15 +31,11 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
 
 def bytes_per_device(abstract_tree) -> int:
   """Bytes of the largest per-device share of a tree of sharded ShapeDtypeStructs."""
-
-  total = 0
-  for x in jax.tree.leaves(abstract_tree):
-    total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-  return total
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(abstract_tree))
 
 
 def bytes_total(abstract_tree) -> int:
-
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
 
 
@@ -52,11 +47,8 @@ def memory_per_device(compiled) -> dict | None:
   stats = compiled.memory_analysis()
   if stats is None:
     return None
-  out = {"argument_bytes": stats.argument_size_in_bytes,
-         "output_bytes": stats.output_size_in_bytes,
-         "alias_bytes": stats.alias_size_in_bytes,
-         "temp_bytes": stats.temp_size_in_bytes,
-         "generated_code_bytes": stats.generated_code_size_in_bytes}
+  out = {f"{k}_bytes": getattr(stats, f"{k}_size_in_bytes")
+         for k in ("argument", "output", "alias", "temp", "generated_code")}
   out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
                        + out["temp_bytes"])
   return out
@@ -76,7 +68,6 @@ def time_steps(step, state, batch, n: int):
   idles on the host between them, and never more than two steps are in
   flight. The first step is timed from its dispatch.
   """
-
   times, pending = [], None
   last = time.perf_counter()
   for _ in range(n):
@@ -219,8 +210,7 @@ def table(r: dict) -> str:
       ("device", f"{r['devices']} x {r['device_kind']} ({r['platform']}), mesh {mesh}"),
       ("model", f"{r['params']:,} parameters"
                 + (f" ({r['active_params']:,} active)" if r["active_params"] != r["params"] else "")
-                + f", {r['dtype']}, remat {r['remat']}, "
-                f"ce_chunk {r['ce_chunk']}"),
+                + f", {r['dtype']}, remat {r['remat']}, ce_chunk {r['ce_chunk']}"),
       ("batch", f"{r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step"),
       ("compile", f"{r['lower_s']:.2f} s lower + {r['compile_s']:.2f} s compile"),
       ("FLOPs/token", f"{r['flops_per_token'] / 1e6:,.2f} MFLOP (model)" +

@@ -41,6 +41,7 @@ from etils import epath
 
 from fmjax import config as config_lib
 from fmjax.hf import files as hf
+from fmjax.train import records
 
 DIGEST = "fmjax_digest.json"
 
@@ -136,9 +137,7 @@ class Checkpointer:
     self.wait()  # a save still being written is not a damaged checkpoint
     bad = []
     for step in reversed(self.all_steps()):
-      problem = self.verify(step)
-      if problem is None:
-        problem = self._check_shapes(step, abstract_state)
+      problem = self.verify(step) or self._check_shapes(step, abstract_state)
       if problem is None:
         try:
           restored = self._restore(step, abstract_state, data_iterator)
@@ -192,9 +191,7 @@ class Checkpointer:
   def _check_shapes(self, step, abstract_state) -> str | None:
     """Raises ConfigError if the saved arrays' names or shapes differ from `abstract_state`'s."""
     try:
-      saved = ocp.StandardCheckpointHandler().metadata(
-          epath.Path(self._path(step)) / "state").tree
-      saved_shapes = _shapes(saved)
+      saved_shapes = _shapes(_saved_tree(self.directory, step))
     except Exception as e:
       return f"its metadata is unreadable ({type(e).__name__}: {_first_line(e)})"
     wanted = _shapes(abstract_state)
@@ -209,8 +206,7 @@ class Checkpointer:
 
   def _quarantine(self, step):
     target = epath.Path(self.directory + ".corrupt") / str(step)
-    if target.exists():
-      target.rmtree()
+    target.rmtree(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     epath.Path(self._path(step)).rename(target)
 
@@ -222,20 +218,13 @@ class Checkpointer:
       return
     self.manager.wait_until_finished()
     step, self._undigested = self._undigested, None
-    if self.remote or jax.process_index() != 0 or not os.path.isdir(self._path(step)):
-      return
     path = self._path(step)
-    files = {}
-    for root, _, names in os.walk(path):
-      for n in names:
-        file = os.path.join(root, n)
-        rel = os.path.relpath(file, path)
-        if rel != DIGEST:
-          files[rel] = [os.path.getsize(file), _sha256(file)]
-    tmp = os.path.join(path, DIGEST + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump({"files": files}, f, indent=0, sort_keys=True)
-    os.replace(tmp, os.path.join(path, DIGEST))
+    if self.remote or jax.process_index() != 0 or not os.path.isdir(path):
+      return
+    files = {rel: [os.path.getsize(f), _sha256(f)]
+             for root, _, names in os.walk(path) for f in (os.path.join(root, n) for n in names)
+             if (rel := os.path.relpath(f, path)) != DIGEST}
+    records.write_json(os.path.join(path, DIGEST), {"files": files}, indent=0)
 
   def wait(self):
     self._write_pending_digest()
@@ -265,10 +254,13 @@ def latest_checkpoint(path: str) -> tuple[str, int]:
 def saved_param_keys(path: str) -> set[str]:
   """The top-level parameter entries ("embed", "layers", "lora", ...) of the latest
   checkpoint under `path` (FileNotFoundError if there is none)."""
-  directory, step = latest_checkpoint(path)
-  tree = ocp.StandardCheckpointHandler().metadata(
-      epath.Path(directory) / str(step) / "state").tree
-  return set(tree["params"])
+  return set(_saved_tree(*latest_checkpoint(path))["params"])
+
+
+def _saved_tree(directory: str, step: int):
+  """The metadata of checkpoint `step`'s arrays (shapes and dtypes), as the state's tree."""
+  path = epath.Path(directory) / str(step) / "state"
+  return ocp.StandardCheckpointHandler().metadata(path).tree
 
 
 def check_init_from(path: str, m) -> None:
@@ -296,13 +288,12 @@ def restore_params(path: str, abstract_params, m=None, step: int | None = None):
   if hf.is_hf_dir(path):
     return hf.load_params(os.path.expanduser(path), m, abstract_params)
   directory, latest = latest_checkpoint(path)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   target = {"params": abstract_params}
-  restored = manager.restore(latest if step is None else step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True)))
-  manager.close()
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as m:
+    restored = m.restore(latest if step is None else step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
   return restored["state"]["params"]
 
 
@@ -347,10 +338,8 @@ def _all_finite(tree) -> bool:
 
 def _shapes(tree) -> dict[str, tuple]:
   """'params/layers/wq' -> shape, for arrays or their metadata (namedtuples as dicts)."""
-  def name(path):
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
-  return {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _sha256(path: str) -> str:

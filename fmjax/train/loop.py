@@ -33,7 +33,7 @@ from fmjax.hf.safetensors_files import FormatError
 from fmjax.nn import cost, decoding, sharding
 from fmjax.posttrain import plan
 from fmjax.runtime import distributed
-from fmjax.train import checkpoint as checkpoint_lib, datasets, reference
+from fmjax.train import checkpoint as checkpoint_lib, inputs
 from fmjax.train import guard as guard_lib, metrics as metrics_lib
 from fmjax.train import preemption, records, state as state_lib, step as step_lib
 from fmjax.train import workdir as workdir_lib
@@ -94,11 +94,11 @@ def _run(cfg, workdir, allow_config_change, stop, started) -> dict:
       pipeline.host_shards(t.batch_size, rows, shards)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(str(e)) from None
-    train_ds, eval_data = datasets.datasets(
+    train_ds, eval_data = inputs.datasets(
         cfg, tok, batch_size=t.batch_size, rows=rows, shards=shards,
         process_count=jax.process_count(), batch_shards=math.prod(
             mesh.shape[a] for a in sharding.parse_axes(cfg.sharding.activations.batch)))
-    train_ds, eval_data, frozen = reference.frozen_inputs(s, tok, train_ds, eval_data)
+    train_ds, eval_data, frozen = inputs.frozen_inputs(s, tok, train_ds, eval_data)
     train_iter = iter(train_ds)
     _probe(train_iter)
 
@@ -158,7 +158,7 @@ def _restore_or_init(cfg, s, ckpt, train_iter):
     return restored.state, restored.progress, True
   params = None
   if cfg.checkpoint.init_from:  # parameters only: fresh optimizer, step 0
-    params = reference.restore_params(cfg.checkpoint.init_from, s.abstract_state["params"],
+    params = inputs.restore_params(cfg.checkpoint.init_from, s.abstract_state["params"],
                                       cfg.model)
   return state_lib.init_state(s, cfg.train.seed, params), {}, False
 

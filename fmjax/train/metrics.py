@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,8 @@ class MetricsWriter:
   def write(self, step: int, record: dict):
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
+    record = {"step": int(step), **{k: v.item() if isinstance(v, (np.generic, np.ndarray)) else v
+                                    for k, v in record.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():
@@ -33,12 +35,6 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
-
-
-def _plain(v):
-  if isinstance(v, (np.generic, np.ndarray)):
-    return v.item()
-  return v
 
 
 def read(path: str) -> list[dict]:
@@ -59,23 +55,18 @@ def truncate(path: str, last_step: int) -> None:
 
 def plot_loss_curve(records: list[dict], path: str, title: str = "") -> None:
   """Train and held-out loss against step, saved as a PNG."""
-  plt = _pyplot()
-
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
   held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-  if train:
-    ax.plot(*zip(*train), label="train", lw=1.2)
-  if held_out:
-    ax.plot(*zip(*held_out), "o-", label="held-out", lw=1.5)
-  ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats/token)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  with _figure(path, figsize=(7, 4.5)) as ax:
+    if train:
+      ax.plot(*zip(*train), label="train", lw=1.2)
+    if held_out:
+      ax.plot(*zip(*held_out), "o-", label="held-out", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def plot_expert_load(records: list[dict], path: str, title: str = "") -> bool:
@@ -84,35 +75,36 @@ def plot_expert_load(records: list[dict], path: str, title: str = "") -> bool:
   rows = [(r["step"], np.asarray(r["moe_load"])) for r in records if "moe_load" in r]
   if not rows:
     return False
-  plt = _pyplot()
-
   steps = [s for s, _ in rows]
   load_SLE = np.stack([load for _, load in rows])  # (steps, MoE layers, experts)
   n_experts = load_SLE.shape[-1]
-  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), dpi=120, sharex=True)
-  for e, series in enumerate(load_SLE.mean(axis=1).T):
-    top.plot(steps, series, lw=1, label=f"expert {e}" if n_experts <= 16 else None)
-  top.axhline(1 / n_experts, color="k", ls="--", lw=1, label="balanced")
-  top.set_ylabel("share of assignments (mean over layers)")
-  top.set_title(title)
-  if n_experts <= 16:
-    top.legend(fontsize=7, ncol=4)
-  for layer, series in enumerate(load_SLE.max(axis=2).T * n_experts):
-    bottom.plot(steps, series, lw=1, label=f"MoE layer {layer}")
-  bottom.axhline(1, color="k", ls="--", lw=1)
-  bottom.set_ylabel("busiest expert / mean")
-  bottom.set_xlabel("step")
-  bottom.legend(fontsize=7)
-  for ax in (top, bottom):
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  with _figure(path, 2, 1, figsize=(7, 7), sharex=True) as (top, bottom):
+    for e, series in enumerate(load_SLE.mean(axis=1).T):
+      top.plot(steps, series, lw=1, label=f"expert {e}" if n_experts <= 16 else None)
+    top.axhline(1 / n_experts, color="k", ls="--", lw=1, label="balanced")
+    top.set_ylabel("share of assignments (mean over layers)")
+    top.set_title(title)
+    if n_experts <= 16:
+      top.legend(fontsize=7, ncol=4)
+    for layer, series in enumerate(load_SLE.max(axis=2).T * n_experts):
+      bottom.plot(steps, series, lw=1, label=f"MoE layer {layer}")
+    bottom.axhline(1, color="k", ls="--", lw=1)
+    bottom.set_ylabel("busiest expert / mean")
+    bottom.set_xlabel("step")
+    bottom.legend(fontsize=7)
+    for ax in (top, bottom):
+      ax.grid(alpha=0.3)
   return True
 
 
-def _pyplot():
+@contextlib.contextmanager
+def _figure(path: str, *args, **kwargs):
+  """The axes of a new figure (plt.subplots' arguments), saved as the PNG `path` after it."""
   import matplotlib  # only when plotting: slow to import
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # after the backend is chosen
-  return plt
+  fig, axes = plt.subplots(*args, dpi=120, **kwargs)
+  yield axes
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

@@ -35,8 +35,7 @@ def decay_mask(decls):
 
 
 def make(o, train_steps: int, decls) -> optax.GradientTransformation:
-  lr = schedule(o, train_steps)
-  mask = decay_mask(decls)
+  lr, mask = schedule(o, train_steps), decay_mask(decls)
   if o.name == "adamw":
     opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
   else:

@@ -50,7 +50,6 @@ class Stop:
   """Whether the run should stop after the step just dispatched, agreed by all processes."""
 
   def __init__(self, max_runtime_s: float = 0.0, started: float | None = None):
-
     self._signalled = False
     started = time.time() if started is None else started
     self._deadline = started + max_runtime_s if max_runtime_s > 0 else None
@@ -69,9 +68,7 @@ class Stop:
     """This process's own request: an index into REASONS."""
     if self._signalled:
       return 1
-    if self._deadline is not None and time.time() >= self._deadline:
-      return 2
-    return 0
+    return 2 if self._deadline is not None and time.time() >= self._deadline else 0
 
   def poll(self) -> str:
     """'' to go on, else why to stop. Every process must call it once per step."""
@@ -95,7 +92,6 @@ class Stop:
 
 def _all_reduce_max():
   """code -> a replicated device scalar: the maximum of every process's code (not fetched)."""
-
   mesh = Mesh(np.array(jax.devices()), ("processes",))
   spread, replicated = NamedSharding(mesh, P("processes")), NamedSharding(mesh, P())
   reduce = jax.jit(jnp.max, out_shardings=replicated)

@@ -35,8 +35,9 @@ def run_summary(cfg, s, **extra) -> dict:
           "mesh": dict(s.mesh.shape), **extra}
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj, indent: int = 2) -> None:
+  """Writes `obj` through a temporary file, so `path` never holds half of it."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(obj, f, indent=indent, sort_keys=True)
   os.replace(tmp, path)

@@ -80,12 +80,9 @@ def config_changes(old: dict, new: dict) -> list[str]:
   """
   a, b = dict(_flatten(old)), dict(_flatten(new))
   defaults = dict(_flatten(base().to_dict()))
-  changed = []
-  for key in sorted(set(a) | set(b)):
-    added_since = key not in a and key in defaults and b.get(key) == defaults[key]
-    if a.get(key) != b.get(key) and not added_since and not key.startswith(RESUMABLE_CHANGES):
-      changed.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-  return changed
+  return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
+          if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES)
+          and not (key not in a and key in defaults and b.get(key) == defaults[key])]
 
 
 def check_config(workdir: str, config: dict, allow_change: bool = False):

@@ -1,13 +1,15 @@
-"""Parameters a run restores from other runs: its init_from checkpoint, and DPO's frozen
-reference (or that reference's log-probabilities, precomputed once)."""
+"""What a run reads besides its own checkpoints: its objective's train data and held-out
+batches, the parameters of checkpoint.init_from, and DPO's frozen reference (or that
+reference's log-probabilities, precomputed once)."""
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import jax
 
-from fmjax.data import task_batches
+from fmjax.data import pipeline, task_batches
 from fmjax.errors import ConfigError
 from fmjax.hf import files as hf
 from fmjax.nn import model, params as params_lib
@@ -15,6 +17,44 @@ from fmjax.posttrain import dpo
 from fmjax.posttrain.plan import ADDED, model_shardings, reference_path
 from fmjax.runtime import distributed
 from fmjax.train import checkpoint
+
+
+def datasets(cfg, tokenizer, *, batch_size: int, rows: tuple[int, int], shards: int,
+             process_count: int = 1, batch_shards: int = 1):
+  """(train dataset, held-out batches) of the objective: rows [start, stop) of each
+  global batch of `batch_size` rows (`rows` and `shards` as in
+  fmjax.data.pipeline.host_train_dataset).
+
+  next_token reads data.mixture (fmjax.data.pipeline); sft, dpo and
+  contrastive read the task datasets (fmjax.data.task_batches). Contrastive
+  holds out one batch of every validation pair (cut to a multiple of
+  `batch_shards`), so its held-out accuracy is recall@1 over all of them.
+  """
+  d, name = cfg.data, cfg.objective.name
+  if name == "next_token":
+    held_out = pipeline.eval_batches(d, tokenizer, batch_size=batch_size,
+                                     num_batches=d.eval_batches)
+    return (pipeline.host_train_dataset(d, tokenizer, batch_size=batch_size, rows=rows,
+                                        shards=shards),
+            [{k: v[rows[0]:rows[1]] for k, v in b.items()} for b in held_out])
+  if process_count > 1:
+    raise ConfigError(f"objective.name={name!r} reads task data on one host only so far; "
+                      f"run it on one host, not {process_count}")
+  size = d.task_size or None
+  if name == "contrastive":
+    data_dir = os.path.expanduser(d.data_dir)
+    train = task_batches.contrastive_batches(tokenizer, data_dir, "train", seq_len=d.seq_len,
+                                             batch_size=batch_size, seed=d.seed)
+    pairs = len(task_batches.tasks.PassagePairs(data_dir, "validation", d.seed))
+    whole = pairs - pairs % batch_shards
+    held_out = list(task_batches.contrastive_batches(
+        tokenizer, data_dir, "validation", seq_len=d.seq_len, batch_size=whole, seed=d.seed))
+    return train, held_out
+  make = task_batches.sft_batches if name == "sft" else task_batches.dpo_batches
+  train = make(tokenizer, "train", seq_len=d.seq_len, batch_size=batch_size, seed=d.seed,
+               size=size)
+  held_out = make(tokenizer, "validation", seq_len=d.seq_len, batch_size=batch_size, seed=d.seed)
+  return train, list(itertools.islice(held_out, d.eval_batches if d.eval_batches > 0 else None))
 
 
 def restore_params(path: str, abstract_params, m=None):
