@@ -9,7 +9,8 @@ allocated (a model too big for this machine can still be sized).
 The measurement (fmjax/train/benchmark.py) builds the experiment's real train
 step (`fmjax.train.state.setup` and `fmjax.train.step.make_train_step`, so
 every model and objective the config can name is measured the same way),
-compiles it, and runs it on a fixed synthetic batch.
+compiles it, and runs it on a fixed synthetic batch of random tokens packed
+like training data (about 4 documents per row, so attention masks segments).
 It reports, as a readable table on stderr and one JSON object on stdout:
 
 - compile time: lowering and XLA compilation, timed separately;
@@ -21,7 +22,13 @@ It reports, as a readable table on stderr and one JSON object on stdout:
   MFU = tokens/s x FLOPs per token / peak FLOP/s of all devices in use. GPUs
   and TPUs use their datasheet's dense bf16 peak; a CPU has none, so the peak
   is measured in this run: the best of large jitted matmuls in the compute
-  dtype, before and after the timed steps;
+  dtype, before and after the timed steps. The headline figures
+  (`flops_per_token`, `mfu`) count causal attention: each query against
+  itself and the keys before it, (T + 1) / 2 on average, about half the
+  T x T square, which is the work a kernel that skips the masked half does.
+  `flops_per_token_full_square` and `mfu_full_square` count the whole square,
+  as XLA's dot products compute it; `xla_flops_per_token`, XLA's own count of
+  the compiled step, is comparable with `flops_per_token_full_square`;
 - memory per device from the compiled step's memory analysis, and the bytes
   of parameters plus optimizer state each device holds under the config's
   shardings;

@@ -19,6 +19,7 @@ from fmjax.errors import ConfigError  # noqa: F401  (raised for bad fields; impo
 # the values a field may take, and the fields that must be > 0 or >= 0.
 CHOICES = {
     "model.attention": ("gqa", "mla"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "pallas", "splash"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.rope_scaling.kind": ("none", "linear", "ntk", "yarn"),
@@ -26,7 +27,7 @@ CHOICES = {
     "model.moe.balance": ("aux", "aux_free", "none"),
     "model.moe.aux_loss_scope": ("batch", "sequence"),
     "model.moe.dispatch": ("capacity", "dropless"),
-    "model.moe.grouped_matmul": ("auto", "ragged_dot", "blocked"),
+    "model.moe.grouped_matmul": ("auto", "ragged_dot", "blocked", "gmm"),
     "data.bad_utf8": ("error", "skip"),
     "data.tokenizer": ("bpe", "unigram"),
     "objective.name": ("next_token", "sft", "dpo", "contrastive"),
@@ -68,6 +69,10 @@ def base() -> ml_collections.ConfigDict:
       d_ff=768,
       tie_embeddings=False,
       attention="gqa",  # gqa | mla
+      # The attention kernel (fmjax/nn/attention.py): xla (the reference; any
+      # backend), cudnn (GPU), pallas (GPU; interpreted on CPUs), splash (TPU;
+      # interpreted on CPUs); auto: the fastest exact one on the backend.
+      attention_impl="auto",
       # gqa: grouped-query attention
       n_kv_heads=4,
       head_dim=0,  # 0: d_model // n_heads
@@ -111,7 +116,9 @@ def base() -> ml_collections.ConfigDict:
           bias_update_rate=1e-3,  # gamma
           dispatch="capacity",  # capacity (drops over capacity) | dropless
           capacity_factor=1.25,  # slots per expert = factor x assignments / experts
-          grouped_matmul="auto",  # dropless: ragged_dot | blocked; auto: blocked on CPU
+          # dropless: ragged_dot | blocked | gmm (Pallas megablox; TPU, interpreted on
+          # CPUs); auto: gmm on TPU, blocked elsewhere (fmjax/nn/dispatch.py)
+          grouped_matmul="auto",
       ),
       mtp_depth=0,  # DeepSeek-V3 multi-token prediction: extra tokens predicted (fmjax/nn/mtp.py)
       mtp_weight=0.3,  # lambda: the MTP loss weight

@@ -13,13 +13,14 @@ import difflib
 import math
 import re
 
+import jax
 import ml_collections
 
 from fmjax import config as config_lib
 from fmjax.data import mixture
 from fmjax.data.tokenizer import MIN_VOCAB_SIZE  # the tokenizer is trained at model.vocab_size
 from fmjax.errors import ConfigError
-from fmjax.nn import model
+from fmjax.nn import attention, dispatch, model
 from fmjax.nn.sharding import MESH_AXES, mesh_shape, parse_axes
 from fmjax.nn.spec import head_dim
 from fmjax.posttrain import lora
@@ -112,6 +113,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
                       "rotary embeddings")
   _check_rope_scaling(m.rope_scaling)
   _check_moe(m)
+  _check_kernels(m, jax.default_backend())
 
   if m.vocab_size < MIN_VOCAB_SIZE:
     raise ConfigError(f"model.vocab_size={m.vocab_size} is below {MIN_VOCAB_SIZE}, the smallest "
@@ -207,6 +209,19 @@ def _check_gqa(m):
   if head_dim(m) % 2:
     raise ConfigError(f"head dim {head_dim(m)} must be even for rotary embeddings; "
                       "change model.head_dim or model.d_model/model.n_heads")
+
+
+def _check_kernels(m, backend: str):
+  """The kernels the model names must exist on this backend (`auto` always does)."""
+  qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attention == "mla" else head_dim(m)
+  why = attention.unavailable(m.attention_impl, backend, m.dtype, qk_dim)
+  if why:
+    raise ConfigError(f"model.attention_impl={m.attention_impl!r} {why}")
+  how = m.moe.grouped_matmul
+  if how != "auto" and backend not in dispatch.GROUPED_MATMUL_BACKENDS[how]:
+    have = ", ".join(dispatch.GROUPED_MATMUL_BACKENDS[how])
+    raise ConfigError(f"model.moe.grouped_matmul={how!r} is not available on the {backend} "
+                      f"backend (it runs on: {have}); use auto, blocked or ragged_dot")
 
 
 def _check_moe(m):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from fmjax import config as config_lib
-from fmjax.nn import cost, layers, mla, model, rope, sharding
+from fmjax.nn import cost, mla, model, rope, sharding
 from fmjax.train import objectives
 from fmjax.nn import params as params_lib
 from test_model import assert_flops_formula_matches_xla, init_params, random_batch
@@ -107,8 +107,8 @@ def test_mla_layer_matches_reference(case, absorbed):
   pos, seg = batch["positions"][:2], batch["segment_ids"][:2]
   cos, sin = rope.angles(jnp.asarray(pos), rope.inv_frequencies(
       m.qk_rope_head_dim, m.rope_theta, m.rope_scaling))
-  mask = layers.attention_mask(jnp.asarray(seg))
-  out, _ = mla.apply(layer, x, cos, sin, mask, ModelSpec.from_config(cfg), absorbed=absorbed)
+  out, _ = mla.apply(layer, x, cos, sin, jnp.asarray(seg), ModelSpec.from_config(cfg),
+                     absorbed=absorbed)
   expected = reference_mla(layer, x, pos, seg, m)
   np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-4, atol=2e-6)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from fmjax.nn import cost, layers, model, rope
+from fmjax.nn import cost, model, rope
 from fmjax.train import objectives, state as state_lib, step as step_lib
 from fmjax.runtime import distributed
 from fmjax.nn import params as params_lib
@@ -115,33 +115,6 @@ def test_gradient_wrt_future_inputs_is_zero():
   g = jax.grad(logit_at_t)(embed)
   assert np.abs(np.asarray(g[:, t + 1:])).max() == 0.0
   assert np.abs(np.asarray(g[:, :t + 1])).max() > 0.0
-
-
-def naive_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TT):
-  rep = q_BTNH.shape[2] // k_BTKH.shape[2]
-  k = np.repeat(np.asarray(k_BTKH), rep, axis=2)
-  v = np.repeat(np.asarray(v_BTKH), rep, axis=2)
-  s = np.einsum("bqnh,bknh->bnqk", np.asarray(q_BTNH), k) / np.sqrt(q_BTNH.shape[-1])
-  s = np.where(np.asarray(mask_B1TT), s, -np.inf)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  return np.einsum("bnqk,bknh->bqnh", p, v)
-
-
-def test_grouped_query_attention_matches_naive():
-  rng = np.random.default_rng(1)
-  q = rng.normal(size=(2, 12, 6, 8)).astype(np.float32)
-  k = rng.normal(size=(2, 12, 2, 8)).astype(np.float32)
-  v = rng.normal(size=(2, 12, 2, 8)).astype(np.float32)
-  seg = np.array([[1] * 5 + [2] * 7, [1] * 12], np.int32)
-  mask = layers.attention_mask(jnp.asarray(seg))
-  expected = naive_attention(q, k, v, mask)
-  np.testing.assert_allclose(layers.attention(q, k, v, mask, 8**-0.5), expected,
-                             rtol=1e-5, atol=1e-5)
-  # Values with another head dim take the einsum path; the first 8 dims must agree.
-  v12 = np.concatenate([v, rng.normal(size=(2, 12, 2, 4)).astype(np.float32)], axis=-1)
-  np.testing.assert_allclose(layers.attention(q, k, v12, mask, 8**-0.5)[..., :8], expected,
-                             rtol=1e-5, atol=1e-5)
 
 
 def test_rope_is_relative():

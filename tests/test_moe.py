@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from test_model import assert_flops_formula_matches_xla, init_params, random_batch
 from fmjax.validate import validate
-from fmjax.nn import block, cost, dispatch, layers, model, moe
+from fmjax.nn import block, cost, dispatch, model, moe
 from fmjax import config as config_lib
 from fmjax.train import loop, metrics
 from fmjax.train import objectives, state as state_lib, step as step_lib
@@ -394,8 +394,7 @@ def mtp_reference_log_probs(params, batch, cfg):
   e_next = jnp.concatenate([x0[:, 1:], jnp.zeros_like(x0[:, :1])], 1)
   h = jnp.concatenate([rms(x, p["hnorm"]), rms(e_next, p["enorm"])], -1) @ p["proj"]
   cos, sin = block.rope_angles(batch["positions"], m)
-  h, _, _ = block.apply(h, p["block"], cos, sin, layers.attention_mask(batch["segment_ids"]), spec,
-                        "dense")
+  h, _, _ = block.apply(h, p["block"], cos, sin, batch["segment_ids"], spec, "dense")
   return jax.nn.log_softmax(model.unembed(params, rms(h, p["norm"]), spec), -1)
 
 

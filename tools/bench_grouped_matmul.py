@@ -1,12 +1,14 @@
-"""Times the dropless grouped SwiGLU: `jax.lax.ragged_dot` against the blocked form.
+"""Times the dropless grouped SwiGLUs: `jax.lax.ragged_dot`, the blocked form and megablox gmm.
 
   python tools/bench_grouped_matmul.py [--rows=1024] [--width=192] [--expert_width=128] \
       [--experts=8] [--repeats=7]
 
 Forward and backward (all four gradients) of one grouped SwiGLU on one
 device, rows assigned to experts at random, next to the batched matmul of
-capacity dispatch at factor 1.25 over the same rows. Prints the median and
-best of `--repeats` runs of each, interleaved.
+capacity dispatch at factor 1.25 over the same rows. gmm is timed only on
+the backends `dispatch.GROUPED_MATMUL_BACKENDS` lists for it; on CPUs that is
+the Pallas interpreter, which measures the interpreter, not the kernel.
+Prints the median and best of `--repeats` runs of each, interleaved.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> int:
       "blocked": (grad(lambda x, *w: dispatch.blocked_swiglu(x, sizes, *w)), x),
       "capacity 1.25": (grad(dispatch.swiglu_batched), x_cap),
   }
+  if jax.default_backend() in dispatch.GROUPED_MATMUL_BACKENDS["gmm"]:
+    fns["gmm"] = (grad(lambda x, *w: dispatch.gmm_swiglu(x, sizes, *w)), x)
   for f, inputs in fns.values():
     jax.block_until_ready(f(inputs, *ws))
   times = {k: [] for k in fns}

@@ -13,7 +13,8 @@ defaults:
 
 Prints one JSON line: CPU seconds and minor page faults per step, wall seconds
 per step, and the CPU seconds of one jitted 2048^3 float32 matmul, with the
-model FLOPs per CPU second against the matmul's.
+model FLOPs per CPU second against the matmul's (model FLOPs count causal
+attention, as fmjax.bench's MFU does).
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def main() -> None:
     wall = (time.perf_counter() - t0) / args.steps
     c1, f1 = cpu_and_faults()
   step_cpu = (c1 - c0) / args.steps
-  flops = cfg.train.batch_size * cfg.data.seq_len * cost.flops_per_token(cfg.model,
-                                                                          cfg.data.seq_len)
+  flops = cfg.train.batch_size * cfg.data.seq_len * cost.flops_per_token(
+      cfg.model, cfg.data.seq_len, attention="causal")
   model_rate, matmul_rate = flops / step_cpu, 2 * 2048**3 / matmul_cpu
   print(json.dumps({
       "config": args.config, "batch": cfg.train.batch_size, "xla_flags": os.environ.get(

@@ -43,9 +43,12 @@ def decls(m, kind: str, n: int) -> dict:
   }, n)
 
 
-def apply(x_BTD, p, cos, sin, mask_B1TS, spec, kind: str, cache=None, start_B=None,
+def apply(x_BTD, p, cos, sin, segment_ids_BT, spec, kind: str, cache=None, start_B=None,
           absorbed=False):
   """One layer; `p` (and `cache`) hold its slice of the stack.
+
+  Attention is within each packed document of `segment_ids_BT`, or, with a
+  cache (and no segment ids), over the cache up to each new token's position.
 
   Returns (x_BTD, cache, statistics): MoE routing statistics (fmjax.nn.moe.STATS)
   for a 'moe' layer, None for a dense one.
@@ -53,7 +56,7 @@ def apply(x_BTD, p, cos, sin, mask_B1TS, spec, kind: str, cache=None, start_B=No
   m, rules = spec.model, spec.activations
   with jax.named_scope("attention"):
     h_BTD = layers.rms_norm(x_BTD, p["attn_norm"], m.norm_eps)
-    a_BTD, cache = ATTENTION[m.attention].apply(p, h_BTD, cos, sin, mask_B1TS, spec, cache,
+    a_BTD, cache = ATTENTION[m.attention].apply(p, h_BTD, cos, sin, segment_ids_BT, spec, cache,
                                                 start_B, absorbed)
     x_BTD = constrain(x_BTD + a_BTD, ("batch", "seq", "embed"), rules)
   with jax.named_scope("moe" if kind == "moe" else "mlp"):

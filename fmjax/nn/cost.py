@@ -72,19 +72,30 @@ def param_counts(m) -> dict[str, int]:
   return {"total": total, "non_embedding": total - embedding, "active": active}
 
 
-def flops_per_token(m, seq_len: int, training: bool = True) -> float:
+ATTENTION_COUNTS = ("square", "causal")
+
+
+def flops_per_token(m, seq_len: int, training: bool = True, attention: str = "square") -> float:
   """Matmul FLOPs per token: 2 per multiply-add, x3 for a training step.
 
-  Attention scores and values are counted over the full T x T square, as the
-  compiled dot products compute them (the causal half is masked, not skipped).
-  MLA is counted in its expanded form, as training runs it. An MoE layer
-  counts its router and the K routed experts a token uses (plus shared ones),
-  not all E. Each multi-token prediction depth adds its projection, one dense
-  layer and the unembedding.
+  `attention` says how many keys a query's scores and values are counted over:
+  "square" counts all T of a row's keys, as the compiled XLA dot products
+  compute them (the causal half is masked, not skipped); "causal" counts the
+  query's own key and those before it, (T + 1) / 2 on average, which is what
+  a kernel that skips the masked half computes, and the figure MFU is quoted
+  against. Both count over the whole row: in a packed row, keys of earlier
+  documents count too, though segment masking hides them. MLA is counted in
+  its expanded form, as training runs it. An MoE layer counts its router and
+  the K routed experts a token uses (plus shared ones), not all E. Each
+  multi-token prediction depth adds its projection, one dense layer and the
+  unembedding.
   """
+  if attention not in ATTENTION_COUNTS:
+    raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_COUNTS}")
   D, V = m.d_model, m.vocab_size
   _, _, per_key = _attention_sizes(m)
-  layer_macs = lambda kind: _layer_sizes(m, kind)[2] + seq_len * per_key
+  keys = seq_len if attention == "square" else (seq_len + 1) / 2
+  layer_macs = lambda kind: _layer_sizes(m, kind)[2] + keys * per_key
   macs = sum(layer_macs(kind) for kind in model.layer_kinds(m)) + D * V
   macs += m.mtp_depth * (2 * D * D + layer_macs("dense") + D * V)
   forward = 2 * macs

@@ -10,10 +10,18 @@ is short. Two dispatches:
   contributes nothing) and counted. Experts then run as one batched matmul
   over (E, C) slots.
 - dropless: assignments are sorted by expert and run as a grouped matmul over
-  the groups, none dropped. `jax.lax.ragged_dot` is the grouped matmul on
-  GPUs and TPUs; XLA:CPU lowers it to a dense matmul per group (E times the
-  work), so on CPUs `blocked_swiglu` pads each group to whole blocks and
-  multiplies each block by its expert's weights instead.
+  the groups, none dropped. `model.moe.grouped_matmul` picks it:
+  - `ragged_dot` (`ragged_swiglu`): `jax.lax.ragged_dot`. XLA:CPU lowers it
+    to a dense matmul per group (E times the work), and on an H200 it made
+    dropless 2.3x slower than capacity dispatch.
+  - `blocked` (`blocked_swiglu`): each group padded to whole blocks, each
+    block multiplied by its expert's weights in one batched matmul; plain XLA,
+    so it runs everywhere, and beat capacity dispatch on the H200.
+  - `gmm` (`gmm_swiglu`): the megablox Pallas kernel, which visits only the
+    row tiles the groups touch and has its own backward (`tgmm` for the
+    weights). Native on TPUs; interpreted elsewhere (slow: for tests).
+  - `auto`: `AUTO_GROUPED_MATMUL` by backend: `gmm` on TPUs, `blocked` on
+    GPUs and CPUs. `GROUPED_MATMUL_BACKENDS` lists where each one runs.
 
 Expert parallelism: the experts' leading axis is sharded over the mesh axes
 of the parameter rule `expert`, and so are the tokens (validated: they are in
@@ -42,6 +50,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from fmjax.nn.sharding import parse_axes
+
+# Backends each grouped matmul runs on (gmm on cpu: the Pallas interpreter), and
+# the one `auto` picks on each.
+GROUPED_MATMUL_BACKENDS = {"ragged_dot": ("cpu", "gpu", "tpu"), "blocked": ("cpu", "gpu", "tpu"),
+                           "gmm": ("tpu", "cpu")}
+AUTO_GROUPED_MATMUL = {"tpu": "gmm", "gpu": "blocked", "cpu": "blocked"}
 
 
 def capacity(n_assignments: int, n_experts: int, factor: float) -> int:
@@ -135,11 +149,67 @@ def blocked_swiglu(x_RD, sizes_L, wg_LDF, wu_LDF, wd_LFD, block: int | None = No
   return _gather_rows(y_BbD.reshape(n_blocks * block, D), dest_R)
 
 
+GMM_TILES = (512, 256, 128)  # candidate K and N tiles, largest first
+
+
+def gmm_tiling(rows: int, groups: int, d: int, f: int) -> tuple[int, int, int]:
+  """(row tile, K tile, N tile) for `gmm_swiglu`: rows are padded to whole row
+  tiles, widths d and f to multiples of 128.
+
+  One tiling serves all six kernels of a SwiGLU and its backward, where K and N
+  are each d or f, so the K and N tile divide both. A group that starts inside
+  a row tile costs that tile once more, so the row tile is near
+  rows / (2 groups), as for `blocked_swiglu`, and at least 128.
+  """
+  tm = max(128, block_size(rows, groups))
+  tkn = next(t for t in GMM_TILES if d % t == 0 and f % t == 0)
+  return tm, tkn, tkn
+
+
+def _pad_to(x, multiples):
+  """x zero-padded at the end of each axis to a multiple of multiples[axis]."""
+  return jnp.pad(x, [(0, -n % m) for n, m in zip(x.shape, multiples)])
+
+
+def gmm_swiglu(x_RD, sizes_L, wg_LDF, wu_LDF, wd_LFD):
+  """`ragged_swiglu` with megablox's Pallas grouped matmul (`interpret` off TPUs).
+
+  The kernel wants whole tiles: rows are padded to the row tile, and D and F
+  to multiples of 128 with zero weights, which add nothing (lower-case
+  suffixes: padded sizes). It leaves rows past the groups unwritten, in its
+  output and in its gradient with respect to its input; masking x and y keeps
+  them at exactly 0 both ways.
+  """
+  # Imported here: the TPU kernel library is needed only where gmm is chosen.
+  from jax.experimental.pallas.ops.tpu.megablox import ops
+  R, D = x_RD.shape
+  G, _, F = wg_LDF.shape
+  d, f = -(-D // 128) * 128, -(-F // 128) * 128
+  tiling = gmm_tiling(R, G, d, f)
+  sizes_L = sizes_L.astype(jnp.int32)
+  x_rd = _pad_to(x_RD, (tiling[0], 128))
+  valid_r1 = (jnp.arange(x_rd.shape[0], dtype=jnp.int32) < jnp.sum(sizes_L))[:, None]
+  x_rd = jnp.where(valid_r1, x_rd, 0)
+  wg_Ldf, wu_Ldf, wd_Lfd = (_pad_to(w, (1, 128, 128)) for w in (wg_LDF, wu_LDF, wd_LFD))
+  interpret = jax.default_backend() != "tpu"
+  mm = lambda a, w: ops.gmm(a, w, sizes_L, x_RD.dtype, tiling, None, None, False, interpret)
+  h_rf = jax.nn.silu(mm(x_rd, wg_Ldf)) * mm(x_rd, wu_Ldf)
+  y_rd = jnp.where(valid_r1, mm(h_rf, wd_Lfd), 0)
+  return y_rd[:R, :D]
+
+
+GROUPED_SWIGLU = {"ragged_dot": ragged_swiglu, "blocked": blocked_swiglu, "gmm": gmm_swiglu}
+
+
+def resolve_grouped_matmul(how: str, backend: str | None = None) -> str:
+  """`how`, with `auto` replaced by the backend's entry in `AUTO_GROUPED_MATMUL`."""
+  if how != "auto":
+    return how
+  return AUTO_GROUPED_MATMUL.get(backend or jax.default_backend(), "blocked")
+
+
 def grouped_swiglu(x_RD, sizes_L, wg, wu, wd, how: str):
-  if how == "auto":
-    how = "blocked" if jax.devices()[0].platform == "cpu" else "ragged_dot"
-  fn = blocked_swiglu if how == "blocked" else ragged_swiglu
-  return fn(x_RD, sizes_L, wg, wu, wd)
+  return GROUPED_SWIGLU[resolve_grouped_matmul(how)](x_RD, sizes_L, wg, wu, wd)
 
 
 BUCKET_FACTORS = (1.25, 1.5, 2, 4)  # row counts computed, as multiples of a balanced load
@@ -296,5 +366,9 @@ def routed_experts(x_BTD, idx_BTK, w_BTK, weights, spec, dropless: bool | None =
         e_cfg, dropless, ep, ep_axes, mlp_axes, batch_axes + seq_axes)
     return y_ND.reshape(b, t, -1), dropped
 
+  # A Pallas kernel's output does not say which mesh axes it varies over, so the
+  # gmm path runs without shard_map's varying-axes check.
+  gmm = dropless and resolve_grouped_matmul(e_cfg.grouped_matmul) == "gmm"
   return jax.shard_map(local, in_specs=(token_spec, token_spec, token_spec, *weight_specs),
-                       out_specs=(token_spec, P()))(x_BTD, idx_BTK, w_BTK, *weights)
+                       out_specs=(token_spec, P()), check_vma=not gmm)(
+                           x_BTD, idx_BTK, w_BTK, *weights)

@@ -8,7 +8,7 @@ Every attention kind has this module's interface (see fmjax/nn/mla.py):
   decls(m)                   per-layer parameters, stacked along 'layers'
   cache_decls(m, B, S)       per-layer decoding cache, stacked along 'layers'
   rope_dim(m)                how many dims of a head rotate
-  apply(p, x_BTD, cos, sin, mask_B1TS, spec, cache, start_B, absorbed)
+  apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache, start_B, absorbed)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fmjax.nn import layers, rope
+from fmjax.nn import attention, layers, rope
 from fmjax.nn.params import Param, normal, zeros
 from fmjax.nn.sharding import constrain
 from fmjax.nn.spec import head_dim
@@ -47,13 +47,13 @@ def rope_dim(m) -> int:
   return head_dim(m)
 
 
-def apply(p, x_BTD, cos, sin, mask_B1TS, spec, cache=None, start_B=None, absorbed=False):
+def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, absorbed=False):
   """Attention output (B, T, D), and the cache with this step's keys and values.
 
-  Without a cache, queries attend to the T keys of `x_BTD` under `mask_B1TS`
-  (B, 1, T, T). With one, the new keys and values are written at slots
-  start_B[b] + [0, T) of each row, and queries attend to all S slots under
-  `mask_B1TS` (B, 1, T, S). GQA has no absorbed form; `absorbed` is ignored.
+  Without a cache, queries attend causally to the keys of their own packed
+  document (`segment_ids_BT`). With one, the new keys and values are written
+  at slots start_B[b] + [0, T) of each row, and each query attends to the
+  slots up to its own position. GQA has no absorbed form; `absorbed` is ignored.
   """
   del absorbed
   m, rules = spec.model, spec.activations
@@ -65,12 +65,13 @@ def apply(p, x_BTD, cos, sin, mask_B1TS, spec, cache=None, start_B=None, absorbe
   k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"), rules)
   q_BTNH = rope.apply(q_BTNH, cos, sin)
   k_BTKH = rope.apply(k_BTKH, cos, sin)
-  k_BSKH, v_BSKH = k_BTKH, v_BTKH
-  if cache is not None:
+  scale = q_BTNH.shape[-1]**-0.5 * rope.softmax_scale_factor(m.rope_scaling)
+  if cache is None:
+    o_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, scale, spec)
+  else:
     cache = {"k": layers.write_rows(cache["k"], k_BTKH, start_B),
              "v": layers.write_rows(cache["v"], v_BTKH, start_B)}
     cache = {k: constrain(c, CACHE_AXES[1:], rules) for k, c in cache.items()}
-    k_BSKH, v_BSKH = cache["k"].astype(dt), cache["v"].astype(dt)
-  scale = q_BTNH.shape[-1]**-0.5 * rope.softmax_scale_factor(m.rope_scaling)
-  o_BTNH = layers.attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale)
+    o_BTNH = attention.attend_cached(q_BTNH, cache["k"].astype(dt), cache["v"].astype(dt),
+                                     layers.positions(start_B, q_BTNH.shape[1]), scale, spec)
   return jnp.einsum("btnh,nhd->btd", o_BTNH, p["wo"].astype(dt)), cache

@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fmjax.nn import layers, rope
+from fmjax.nn import attention, layers, rope
 from fmjax.nn.params import Param, normal, ones, zeros
 from fmjax.nn.sharding import constrain
 
@@ -100,8 +100,11 @@ def latents(p, x_BTD, cos, sin, spec):
   return c_BTC, k_rope_BTR
 
 
-def attend_expanded(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, spec):
-  """Attention with keys and values expanded from the latent: (B, T, N, dv)."""
+def attend_expanded(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, attend, spec):
+  """Attention with keys and values expanded from the latent: (B, T, N, dv).
+
+  `attend(q, k, v, scale)` is the attention itself (packed rows or a cache).
+  """
   m, rules = spec.model, spec.activations
   dt, dn = c_BSC.dtype, m.qk_nope_head_dim
   wkv_b_CNh = p["wkv_b"].astype(dt)
@@ -112,10 +115,10 @@ def attend_expanded(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, s
   k_rope_BSNR = jnp.broadcast_to(k_rope_BSR[:, :, None], k_nope_BSNd.shape[:3] + k_rope_BSR.shape[-1:])
   q_BTNH = jnp.concatenate([q_nope_BTNd, q_rope_BTNR], axis=-1)
   k_BSNH = jnp.concatenate([k_nope_BSNd, k_rope_BSNR], axis=-1)
-  return layers.attention(q_BTNH, k_BSNH, v_BSNG, mask_B1TS, softmax_scale(m))
+  return attend(q_BTNH, k_BSNH, v_BSNG, softmax_scale(m))
 
 
-def attend_absorbed(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, spec):
+def attend_absorbed(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, attend, spec):
   """The same attention computed in latent space: (B, T, N, dv).
 
   q.k = (q_nope wkv_b^k) . c + q_rope . k_rope, and p.v = (p.c) wkv_b^v, so this
@@ -127,28 +130,32 @@ def attend_absorbed(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, s
   q_lat_BTNC = jnp.einsum("btnd,cnd->btnc", q_nope_BTNd, wkv_b_CNh[..., :dn])
   q_BTNH = jnp.concatenate([q_lat_BTNC, q_rope_BTNR], axis=-1)
   k_BS1H = jnp.concatenate([c_BSC, k_rope_BSR], axis=-1)[:, :, None]
-  o_lat_BTNC = layers.attention(q_BTNH, k_BS1H, c_BSC[:, :, None], mask_B1TS, softmax_scale(m))
+  o_lat_BTNC = attend(q_BTNH, k_BS1H, c_BSC[:, :, None], softmax_scale(m))
   return jnp.einsum("btnc,cng->btng", o_lat_BTNC, wkv_b_CNh[..., dn:])
 
 
-def apply(p, x_BTD, cos, sin, mask_B1TS, spec, cache=None, start_B=None, absorbed=False):
+def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, absorbed=False):
   """Attention output (B, T, D), and the cache with this step's latents.
 
-  Without a cache, queries attend to the T latents of `x_BTD` under
-  `mask_B1TS` (B, 1, T, T); with one, the new latents are written at slots
-  start_B[b] + [0, T) and queries attend to all S slots (mask (B, 1, T, S)).
+  Without a cache, queries attend causally to the latents of their own packed
+  document (`segment_ids_BT`); with one, the new latents are written at slots
+  start_B[b] + [0, T) and each query attends to the slots up to its position.
   `absorbed` picks the latent-space form; both give the same numbers.
   """
   rules = spec.activations
   q_nope_BTNd, q_rope_BTNR = queries(p, x_BTD, cos, sin, spec)
   c_BSC, k_rope_BSR = latents(p, x_BTD, cos, sin, spec)
-  if cache is not None:
+  if cache is None:
+    attend = lambda q, k, v, scale: attention.attend(q, k, v, segment_ids_BT, scale, spec)
+  else:
+    positions_BT = layers.positions(start_B, x_BTD.shape[1])
+    attend = lambda q, k, v, scale: attention.attend_cached(q, k, v, positions_BT, scale, spec)
     cache = {"latent": layers.write_rows(cache["latent"], c_BSC, start_B),
              "k_rope": layers.write_rows(cache["k_rope"], k_rope_BSR, start_B)}
     cache = {"latent": constrain(cache["latent"], ("batch", "seq", "kv_lora"), rules),
              "k_rope": constrain(cache["k_rope"], ("batch", "seq", "head_dim"), rules)}
     c_BSC, k_rope_BSR = cache["latent"].astype(x_BTD.dtype), cache["k_rope"].astype(x_BTD.dtype)
-  attend = attend_absorbed if absorbed else attend_expanded
-  o_BTNG = attend(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, mask_B1TS, spec)
+  form = attend_absorbed if absorbed else attend_expanded
+  o_BTNG = form(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, attend, spec)
   return jnp.einsum("btng,ngd->btd", o_BTNG, p["wo"].astype(x_BTD.dtype)), cache
 

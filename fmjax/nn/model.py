@@ -127,11 +127,10 @@ def trunk(params, x_BTD, segment_ids_BT, positions_BT, spec):
   and the MoE layers' statistics (fmjax.nn.moe.STATS, stacked over MoE layers; {} if none)."""
   m = spec.model
   cos, sin = block_lib.rope_angles(positions_BT, m)
-  mask_B1TT = layers.attention_mask(segment_ids_BT)
 
   def make_block(kind):
     def block(x_BTD, p):
-      x_BTD, _, stats = block_lib.apply(x_BTD, p, cos, sin, mask_B1TT, spec, kind)
+      x_BTD, _, stats = block_lib.apply(x_BTD, p, cos, sin, segment_ids_BT, spec, kind)
       return x_BTD, stats
 
     if m.remat != "none":
@@ -161,15 +160,12 @@ def decode_cached(params, x_BTD, start_B, cache, spec, absorbed=False):
   a position are masked, whatever they hold (padding, stale entries).
   """
   m = spec.model
-  positions_BT = start_B[:, None] + jnp.arange(x_BTD.shape[1], dtype=start_B.dtype)
-  cos, sin = block_lib.rope_angles(positions_BT, m)
-  num_slots = jax.tree.leaves(cache)[0].shape[2]
-  mask_B1TS = layers.causal_mask(positions_BT, num_slots)
+  cos, sin = block_lib.rope_angles(layers.positions(start_B, x_BTD.shape[1]), m)
 
   def make_block(kind):
     def block(x_BTD, layer):
       p, c = layer
-      x_BTD, c, _ = block_lib.apply(x_BTD, p, cos, sin, mask_B1TS, spec, kind, c, start_B,
+      x_BTD, c, _ = block_lib.apply(x_BTD, p, cos, sin, None, spec, kind, c, start_B,
                                     absorbed)
       return x_BTD, c
     return block

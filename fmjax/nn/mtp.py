@@ -54,7 +54,6 @@ def add_loss(loss, stats, params, x_BTD, embeddings_BTD, batch, weights_BT, spec
   p_all = params["mtp"]
   tokens_BT = batch["tokens"]
   cos, sin = block.rope_angles(batch["positions"], m)
-  mask_B1TT = layers.attention_mask(batch["segment_ids"])
   h_BTD = x_BTD
   weights_k_BT = weights_BT
   nll = jnp.zeros((), jnp.float32)
@@ -65,7 +64,7 @@ def add_loss(loss, stats, params, x_BTD, embeddings_BTD, batch, weights_BT, spec
                                  layers.rms_norm(e_BTD, p["enorm"], m.norm_eps)], axis=-1)
     h_BTD = jnp.einsum("btc,cd->btd", both_BT2D, p["proj"].astype(both_BT2D.dtype))
     with jax.named_scope(f"mtp{k}"):
-      h_BTD, _, _ = block.apply(h_BTD, p["block"], cos, sin, mask_B1TT, spec, "dense")
+      h_BTD, _, _ = block.apply(h_BTD, p["block"], cos, sin, batch["segment_ids"], spec, "dense")
     weights_k_BT = weights_k_BT * _shift(weights_BT, k)
     logits_BTV = unembed(layers.rms_norm(h_BTD, p["norm"], m.norm_eps))
     _, s = cross_entropy_sums(logits_BTV, _shift(tokens_BT, k + 1), weights_k_BT, 0.0)

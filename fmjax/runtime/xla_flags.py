@@ -14,18 +14,17 @@ CPU:
   20M-parameter float32 benchmark, the step takes 6-17% less CPU time and 7%
   less wall time without it (tools/BENCHMARKS.md).
 
-GPU (read by XLA from `XLA_FLAGS`):
-- `--xla_gpu_enable_latency_hiding_scheduler`: schedules collectives
-  (FSDP all-gathers, gradient reduce-scatters) to overlap with compute.
-- `--xla_gpu_enable_triton_gemm=false`: cuBLAS for matmuls, not Triton GEMMs.
-- `--xla_gpu_enable_highest_priority_async_stream`: collectives on a
-  high-priority stream so they are not starved by compute kernels.
+GPU: none. A flag is kept only if it measures faster than XLA's defaults;
+tools/bench_gpu.py measures each candidate. On an NVIDIA H200 (jax 0.11.2),
+XLA's default GPU flags ran the 1B dense benchmark
+(experiments/bench_dense_1b.py) at 253 ms a step, against 274 ms with the
+three flags fmjax used to set (`GPU_CANDIDATES`): about 8% faster, so none
+is set. `GPU_CANDIDATES` keeps them for measuring one at a time.
 
 TPU (read by libtpu from `LIBTPU_INIT_ARGS`): asynchronous collective fusion
-and overlap of collectives with compute, as MaxText sets them.
-
-None of these was measured by fmjax yet (no accelerator was available); see
-tools/BENCHMARKS.md for the command that measures them.
+and overlap of collectives with compute, as MaxText sets them. Not yet
+measured by fmjax (no TPU was available): `python -m fmjax.bench` with and
+without `FMJAX_XLA_FLAGS=0` measures them against libtpu's defaults.
 """
 
 from __future__ import annotations
@@ -34,9 +33,14 @@ import importlib.metadata
 import os
 
 CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
-GPU_FLAGS = (
+GPU_FLAGS = ()
+# Measured together slower than XLA's defaults; each still to be measured alone.
+GPU_CANDIDATES = (
+    # Schedules collectives (FSDP all-gathers, gradient reduce-scatters) to overlap with compute.
     "--xla_gpu_enable_latency_hiding_scheduler=true",
+    # cuBLAS for matmuls, not Triton GEMMs.
     "--xla_gpu_enable_triton_gemm=false",
+    # Collectives on a high-priority stream, so compute kernels do not starve them.
     "--xla_gpu_enable_highest_priority_async_stream=true",
 )
 TPU_FLAGS = (
@@ -75,7 +79,7 @@ def _merge(existing: str, extra) -> str:
 def apply(environ=os.environ) -> str:
   """Sets the flags for this process's accelerator; returns the platform found."""
   kind = platform()
-  if environ.get("FMJAX_XLA_FLAGS", "1") != "0" and kind in _SETTINGS:
-    var, extra = _SETTINGS[kind]
+  var, extra = _SETTINGS.get(kind, (None, ()))
+  if environ.get("FMJAX_XLA_FLAGS", "1") != "0" and extra:
     environ[var] = _merge(environ.get(var, ""), extra)
   return kind

@@ -20,13 +20,28 @@ from fmjax.runtime import distributed
 from fmjax.train import objectives, state as state_lib, step as step_lib
 
 
-def synthetic_batch(cfg, seed: int = 0) -> dict:
-  """A (batch_size, seq_len) batch of random tokens, one document per row."""
+DOCS_PER_ROW = 4  # documents in a synthetic row, on average
+
+
+def synthetic_batch(cfg, seed: int = 0, docs_per_row: float = DOCS_PER_ROW) -> dict:
+  """A (batch_size, seq_len) batch of random tokens, packed like training data.
+
+  Each row holds several documents, `docs_per_row` on average: every one of
+  the T - 1 gaps between tokens starts a new document with the same chance,
+  so lengths are random and at least 1 token. Segment ids count the row's
+  documents from 1 and positions restart at 0 in each, so attention does the
+  segment masking it does on real data. The same `seed` gives the same batch.
+  """
   rng = np.random.default_rng(seed)
   B, T = cfg.train.batch_size, cfg.data.seq_len
-  return {"tokens": rng.integers(1, cfg.model.vocab_size, (B, T), dtype=np.int32),
-          "segment_ids": np.ones((B, T), np.int32),
-          "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
+  tokens = rng.integers(1, cfg.model.vocab_size, (B, T), dtype=np.int32)
+  starts = np.zeros((B, T), bool)
+  starts[:, 1:] = rng.random((B, T - 1)) < min(1.0, (docs_per_row - 1) / max(T - 1, 1))
+  index = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+  return {"tokens": tokens,
+          "segment_ids": (1 + np.cumsum(starts, axis=1)).astype(np.int32),
+          "positions": (index - first).astype(np.int32)}
 
 
 def bytes_per_device(abstract_tree) -> int:
@@ -147,12 +162,23 @@ def measure(cfg, steps: int = 10, warmup: int = 2, devices=None, peak=None) -> d
   return record(c, times, peak)
 
 
+MFU_CONVENTION = ("causal attention counted as half the T x T square, (T + 1) / 2 keys per "
+                  "query (headline); mfu_full_square counts the whole square")
+
+
 def record(c: Compiled, times, peak) -> dict:
-  """The JSON record of compiled step `c` that ran in `times`, against `peak`."""
+  """The JSON record of compiled step `c` that ran in `times`, against `peak`.
+
+  `flops_per_token`, `model_flops_per_s` and `mfu` count causal attention
+  (each query against itself and the keys before it); the `_full_square`
+  figures count every query against all T keys, as XLA's dot products compute
+  them and as `xla_flops_per_token` reports.
+  """
   cfg, s = c.cfg, c.setup
   n_devices = s.mesh.devices.size
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  flops_per_token = cost.flops_per_token(cfg.model, cfg.data.seq_len)
+  flops_per_token = cost.flops_per_token(cfg.model, cfg.data.seq_len, attention="causal")
+  flops_full_square = cost.flops_per_token(cfg.model, cfg.data.seq_len, attention="square")
   step_time = statistics.median(times) if times else None
   tokens_per_s = tokens_per_step / step_time if times else None
   flops_per_s = tokens_per_s * flops_per_token if times else None
@@ -179,7 +205,10 @@ def record(c: Compiled, times, peak) -> dict:
       "step_times_s": times,
       "step_time_s": step_time,
       "tokens_per_s": tokens_per_s,
+      "mfu_convention": MFU_CONVENTION,
       "flops_per_token": flops_per_token,
+      "flops_per_token_full_square": flops_full_square,
+      # Compares with flops_per_token_full_square where attention runs as XLA dot products.
       # XLA counts a while loop's body once: with model.scan_layers this is not the step's total.
       "xla_flops_per_token": compiled_flops / tokens_per_step * n_devices
                              if compiled_flops is not None else None,
@@ -187,6 +216,7 @@ def record(c: Compiled, times, peak) -> dict:
       "peak_flops": peak[0] if peak else None,
       "peak_source": peak[1] if peak else None,
       "mfu": flops_per_s / peak[0] if times else None,
+      "mfu_full_square": tokens_per_s * flops_full_square / peak[0] if times else None,
       "memory_per_device": memory_per_device(c.step),
       "state_bytes_per_device": bytes_per_device(s.abstract_state),
       "state_bytes_total": bytes_total(s.abstract_state),
@@ -213,7 +243,8 @@ def table(r: dict) -> str:
                 + f", {r['dtype']}, remat {r['remat']}, ce_chunk {r['ce_chunk']}"),
       ("batch", f"{r['batch_size']} x {r['seq_len']} = {r['tokens_per_step']:,} tokens/step"),
       ("compile", f"{r['lower_s']:.2f} s lower + {r['compile_s']:.2f} s compile"),
-      ("FLOPs/token", f"{r['flops_per_token'] / 1e6:,.2f} MFLOP (model)" +
+      ("FLOPs/token", f"{r['flops_per_token'] / 1e6:,.2f} MFLOP (model, causal half), "
+                      f"{r['flops_per_token_full_square'] / 1e6:,.2f} MFLOP (full T x T square)" +
                       (f", {xla / 1e6:,.2f} MFLOP (XLA cost analysis)" if xla else "")),
       ("state/device", f"{_gib(r['state_bytes_per_device'])} params + optimizer "
                        f"({_gib(r['state_bytes_total'])} in all)"),
@@ -227,9 +258,10 @@ def table(r: dict) -> str:
                       f"min {min(r['step_times_s']) * 1e3:,.1f}, "
                       f"max {max(r['step_times_s']) * 1e3:,.1f})"),
         ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
-        ("achieved", f"{r['model_flops_per_s'] / 1e9:,.1f} GFLOP/s"),
+        ("achieved", f"{r['model_flops_per_s'] / 1e9:,.1f} GFLOP/s (causal half)"),
         ("peak", f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})"),
-        ("MFU", f"{r['mfu']:.1%}"),
+        ("MFU", f"{r['mfu']:.1%} (causal half; {r['mfu_full_square']:.1%} counting "
+                f"the full T x T square)"),
     ]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
