@@ -8,13 +8,14 @@ the GPU MFU benchmark for mixtures of experts.
 other 11 are MoE layers of 16 routed experts (top-2, sigmoid scores, 4
 groups of which 2 are searched, aux-loss-free bias) plus 1 shared expert,
 each of width 1024, dispatched dropless with grouped matmuls
-(`jax.lax.ragged_dot` off CPUs). Vocabulary 32768, untied. That is 1.09B
+(`model.moe.grouped_matmul=auto`: blocked on GPUs and CPUs, megablox on TPUs). Vocabulary 32768, untied. That is 1.09B
 parameters of which 0.36B are active per token, 2.45 GFLOP per token for
 training. bf16 compute with float32
 master weights and AdamW state, remat "dots", 8 sequences of 2048 tokens a
 step. On one device there is no expert parallelism; on several, add
 `--config.mesh.expert=N --config.sharding.activations.batch=data,fsdp,expert`.
-The target on one H100: MFU >= 35%. Figures in tools/BENCHMARKS.md.
+The target on one H200 or H100: MFU >= 35% dropless, and dropless at least as
+fast as capacity dispatch (tools/bench_gpu.py). Figures in tools/BENCHMARKS.md.
 """
 
 from fmjax import config

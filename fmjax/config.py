@@ -225,6 +225,11 @@ def base() -> ml_collections.ConfigDict:
       # Wall-clock budget ("90m", "2h", "1h30m", "3600"; "" none): when it runs out,
       # the run saves a checkpoint and exits 0, as on SIGTERM (fmjax/train/preemption.py).
       max_runtime="",
+      # "10:13": a jax.profiler trace of steps 10, 11 and 12 into <workdir>/profile
+      # (TensorBoard's profile plugin or Perfetto open it); "" none.
+      profile_steps="",
+      # A Weights & Biases project to log to as well ("" off); metrics.jsonl stays the record.
+      wandb_project="",
   )
   # init_from: a workdir (or its checkpoints/ directory) whose latest parameters
   # start this run when its own workdir has no checkpoint: parameters only, with a

@@ -23,6 +23,8 @@ from test_model import random_batch
 
 MLA = dict(attention="mla", q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16,
            qk_rope_head_dim=8, v_head_dim=12)
+MOE = dict(MLA, moe=dict(n_routed_experts=4, experts_per_token=2, moe_intermediate_size=32,
+                         dispatch="dropless"))
 
 
 def naive(q_BTNH, k_BTKH, v_BTKG, seg_BT, scale):
@@ -183,7 +185,7 @@ def _loss_and_grads(cfg, batch, mesh=None):
 def xla_runs():
   """The XLA reference's loss and gradients for each model shape (computed once)."""
   out = {}
-  for shape, fields in (("gqa", {}), ("mla", MLA)):
+  for shape, fields in (("gqa", {}), ("mla", MLA), ("moe", MOE)):
     cfg = tiny_config(**fields)
     batch = random_batch(cfg, docs_per_row=3)
     out[shape] = (fields, batch, _loss_and_grads(cfg, batch))
@@ -191,11 +193,13 @@ def xla_runs():
 
 
 MESH = dict(data=2, fsdp=2, tensor=2)
+EXPERT_MESH = dict(data=2, expert=2, tensor=2)
 
 
 @pytest.mark.parametrize("impl, shape, mesh_shape", [
     ("pallas", "gqa", None), ("splash", "mla", None), ("pallas", "mla", MESH),
-    ("splash", "gqa", MESH)], ids=["pallas-gqa", "splash-mla", "pallas-mla-mesh", "splash-gqa-mesh"])
+    ("splash", "gqa", MESH), ("pallas", "moe", EXPERT_MESH)],
+    ids=["pallas-gqa", "splash-mla", "pallas-mla-mesh", "splash-gqa-mesh", "pallas-moe-expert-mesh"])
 def test_model_loss_and_gradients_equal_xla(impl, shape, mesh_shape, xla_runs):
   """A whole model's loss and gradients with a kernel equal the XLA path's, on one
   device and with batch and heads split over a mesh of 8."""
@@ -204,6 +208,8 @@ def test_model_loss_and_gradients_equal_xla(impl, shape, mesh_shape, xla_runs):
   mesh = None
   if mesh_shape:
     cfg.mesh.update(mesh_shape)
+    if "expert" in mesh_shape:  # tokens are split over the expert axis too
+      cfg.sharding.activations.batch = "data,fsdp,expert"
     mesh = sharding.make_mesh(cfg.mesh)
   loss, grads = _loss_and_grads(cfg, batch, mesh)
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
@@ -215,3 +221,38 @@ def test_attention_impl_is_a_schema_choice():
   assert config_lib.CHOICES["model.attention_impl"] == ("auto", "xla", "cudnn", "pallas", "splash")
   assert set(attention.BACKENDS) == set(attention.IMPLS)
   assert set(attention.IMPLS) | {"auto"} == set(config_lib.CHOICES["model.attention_impl"])
+
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu",
+                            reason="needs a GPU: JAX_PLATFORMS=cuda pytest -k on_gpu")
+
+
+@on_gpu
+@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+@pytest.mark.parametrize("shape", ["gqa", "mla"])
+def test_on_gpu_kernel_equals_reference_in_bf16(impl, shape):
+  """The real kernels (not interpreted) on packed rows, forward and backward, in bf16."""
+  T, scale = 256, 0.2
+  q, k, v = qkv(shape, T, seed=4)
+  seg = packed_rows(T)
+  spec = spec_for(impl, dtype="bfloat16")
+  bf = lambda x: x.astype(jnp.bfloat16)
+  f32 = lambda x: np.asarray(x, np.float32)
+  out = jax.jit(lambda q, k, v: attention.attend(q, k, v, seg, scale, spec))(bf(q), bf(k), bf(v))
+  want = naive(f32(bf(q)), f32(bf(k)), f32(bf(v)), seg, scale)
+  np.testing.assert_allclose(f32(out), want, rtol=0, atol=3e-2)
+  cot = jax.random.normal(jax.random.key(9), out.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
+  got = jax.jit(jax.grad(loss(lambda q, k, v: attention.attend(q, k, v, seg, scale, spec)),
+                         argnums=(0, 1, 2)))(bf(q), bf(k), bf(v))
+  ref = jax.grad(loss(lambda q, k, v: reference(q, k, v, seg, scale)), argnums=(0, 1, 2))(
+      *(bf(x).astype(jnp.float32) for x in (q, k, v)))
+  for g, w, name in zip(got, ref, "qkv"):
+    err = np.abs(f32(g) - f32(w)).max() / np.abs(f32(w)).max()
+    assert err < 3e-2, f"d{name}: relative error {err:.3g}"
+
+
+@on_gpu
+def test_on_gpu_auto_is_cudnn_for_a_bf16_model():
+  assert attention._impl(spec_for("auto", dtype="bfloat16"), jnp.zeros((1, 8, 4, 64),
+                                                                      jnp.bfloat16)) == "cudnn"

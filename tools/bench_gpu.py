@@ -413,7 +413,9 @@ def targets(records: list[dict], smoke: bool) -> list[tuple]:
 
 
 def kernels(records: list[dict]) -> list[tuple]:
-  """[(shape, fastest run, every run's step time)] over the runs that differ only in attention."""
+  """[(shape, fastest run, every run's step time and loss)] over the runs that differ only in
+  attention. The runs train the same model on the same batch for the same steps, so exact
+  kernels end at the same loss, up to bf16 rounding: a kernel that drops a mask does not."""
   ok = [r for r in records if r.get("ok")]
   rows = []
   for g, label in (("dense2048", "seq 2048, batch 8, remat dots"),
@@ -426,7 +428,8 @@ def kernels(records: list[dict]) -> list[tuple]:
     same.sort(key=lambda r: r["step_time_s"])
     impl = lambda r: r.get("settings", {}).get("attention_impl", "?")
     rows.append((label, f"{impl(same[0])} ({same[0]['name']})",
-                 ", ".join(f"{impl(r)} {r['step_time_s'] * 1e3:,.1f} ms" for r in same)))
+                 ", ".join(f"{impl(r)} {r['step_time_s'] * 1e3:,.1f} ms (loss {r.get('loss', 0):.4f})"
+                           for r in same)))
   return rows
 
 
@@ -477,7 +480,7 @@ def summarize(records: list[dict], meta: dict) -> str:
   rows = kernels(records)
   if rows:
     lines += ["", "## Fastest exact attention kernel (what `auto` should pick)", ""]
-    lines += _table(("shape", "fastest", "step time of each"), rows)
+    lines += _table(("shape", "fastest", "step time (and final loss) of each"), rows)
   rows = flag_rows(records)
   if rows:
     lines += ["", "## XLA flags (dense 1B, cudnn, seq 2048)", ""]
