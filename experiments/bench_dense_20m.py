@@ -13,8 +13,7 @@ step); the figures are in tools/BENCHMARKS.md. Trains like any experiment:
 from fmjax import config
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = config.base()
   c.model.update(vocab_size=2048, d_model=512, n_layers=6, n_heads=8, n_kv_heads=8,
                  d_ff=1408, tie_embeddings=False)

@@ -21,8 +21,7 @@ fast as capacity dispatch (tools/bench_gpu.py). Figures in tools/BENCHMARKS.md.
 from fmjax import config
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = config.base()
   c.model.update(vocab_size=32768, d_model=1536, n_layers=12, n_heads=12, d_ff=6144,
                  tie_embeddings=False, attention="mla", q_lora_rank=768, kv_lora_rank=256,

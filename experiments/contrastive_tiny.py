@@ -26,8 +26,7 @@ from fmjax import config
 PRETRAINED = "runs/pretrain_tiny"
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = config.base()
   c.model.update(vocab_size=2048, d_model=192, n_layers=4, n_heads=4, n_kv_heads=2,
                  d_ff=512, tie_embeddings=False)

@@ -16,8 +16,7 @@ idle 2-core CPU (30 min measured on a shared one; see tools/BENCHMARKS.md).
 from fmjax import config
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = config.base()
   c.model.update(vocab_size=2048, d_model=192, n_layers=4, n_heads=4, d_ff=512,
                  tie_embeddings=False, attention="mla", q_lora_rank=0, kv_lora_rank=64,

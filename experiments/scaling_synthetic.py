@@ -24,8 +24,7 @@ BUDGETS = (5e11, 1e12, 2e12, 4e12)
 DEPTHS = (1, 2, 3, 4)
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = config.base()
   c.model.update(vocab_size=516, depth=2, aspect_ratio=32, head_dim=16, tie_embeddings=False)
   c.data.update(mixture="synthetic(states=512, branching=8)", seq_len=128, eval_batches=16)

@@ -27,8 +27,7 @@ BUDGETS = (1e12, 2e12, 4e12, 8e12)
 DEPTHS = (1, 2, 3, 4)
 
 
-def get_config(arg=None):
-  del arg
+def get_config():
   c = config.base()
   c.model.update(vocab_size=1024, depth=2, aspect_ratio=32, head_dim=16, tie_embeddings=False)
   c.data.update(mixture="kjv", seq_len=128, eval_batches=16)

@@ -1,6 +1,6 @@
 """Measure what an experiment costs and how much of the device it uses.
 
-  python -m fmjax.bench --config=experiments/<file>.py[:arg] [--config.x=y ...] \
+  python -m fmjax.bench --config=experiments/<file>.py[:arg] [--config.x=y ...] \\
       [--steps=10] [--warmup=2] [--json=PATH]
 
 `--steps=0` only compiles: FLOPs, memory and compile time, with nothing
@@ -40,10 +40,12 @@ Host data loading is not part of the measurement: the batch is made once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import flags
 
+from fmjax import errors
 from fmjax.runtime import cli
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps; 0 only compiles (FLOPs, memory).")
@@ -52,24 +54,23 @@ _JSON = flags.DEFINE_string("json", None, "Also write the JSON record to this fi
 
 
 def main(argv=None) -> int:
+  return errors.run(_main, argv)
+
+
+def _main(argv) -> int:
   argv = list(sys.argv if argv is None else argv)
-  try:
-    cfg = cli.parse_config(argv)
-    if _STEPS.value < 0 or _WARMUP.value < 0:
-      raise cli.UsageError("--steps and --warmup must be >= 0")
-  except cli.UsageError as e:
-    print(f"fmjax: {e}", file=sys.stderr)
-    return 2
+  cfg = cli.parse_config(argv, __doc__)
+  if _STEPS.value < 0 or _WARMUP.value < 0:
+    raise cli.UsageError(f"--steps={_STEPS.value} and --warmup={_WARMUP.value} must be >= 0 "
+                         "(--steps=0 only compiles)")
+  if _JSON.value and not os.path.isdir(os.path.dirname(os.path.abspath(_JSON.value))):
+    raise cli.UsageError(f"--json={_JSON.value}: its directory does not exist")
   # Imported only now, after host_malloc.reexec has restarted the process: they load jax.
   from fmjax import validate
   from fmjax.train import benchmark
 
-  try:
-    cfg = validate.resolve(cfg, cli.start_jax(cfg))
-    record = benchmark.measure(cfg, steps=_STEPS.value, warmup=_WARMUP.value)
-  except validate.ConfigError as e:
-    print(f"fmjax: config error: {e}", file=sys.stderr)
-    return 2
+  cfg = validate.resolve(cfg, cli.start_jax(cfg))
+  record = benchmark.measure(cfg, steps=_STEPS.value, warmup=_WARMUP.value)
   record["command"] = " ".join(["python -m fmjax.bench", *argv[1:]])
   print(benchmark.table(record), file=sys.stderr)
   text = json.dumps(record, sort_keys=True)
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       f.write(text + "\n")
-  return 0
+  return errors.OK
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Converts checkpoints between fmjax and Hugging Face (the formats are in fmjax/hf/).
 
-  python -m fmjax.convert to-hf --workdir=DIR [--step=N] --out=HF_DIR \
+  python -m fmjax.convert to-hf --workdir=DIR [--step=N] --out=HF_DIR \\
       [--dtype=float32|bfloat16] [--max_shard_gb=2] [--tokenizer=auto|none|FILE]
   python -m fmjax.convert from-hf --hf=HF_DIR --out=DIR
 
@@ -18,13 +18,13 @@ itself), or sample from it with `python -m fmjax.sample --workdir=DIR`.
 Both read one parameter at a time and write it before reading the next: an
 export holds one stacked parameter in memory, an import the model once (the
 checkpoint is written whole). The output appears only when complete (it is
-written to a temporary directory and renamed). Exit status 0, or 1 with one
-line starting 'fmjax:'.
+written to a temporary directory and renamed). Exit status 0; 1 for what it
+cannot read or write, 2 for a bad command line; either with one line starting
+'fmjax:'.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmjax import config as config_lib
+from fmjax import errors
 from fmjax.data import tokenizer as tokenizer_lib
 from fmjax.hf import config_map, files as hf, tables
 from fmjax.hf.safetensors_files import FormatError
@@ -172,22 +173,34 @@ def from_hf(hf_dir: str, out: str):
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fmjax.convert",
-                                   description=__doc__.splitlines()[0])
+  return errors.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = errors.ArgumentParser(prog="python -m fmjax.convert",
+                                 description=errors.command_help(__doc__))
   sub = parser.add_subparsers(dest="command", required=True)
-  a = sub.add_parser("to-hf", help="fmjax workdir -> Hugging Face directory")
-  a.add_argument("--workdir", required=True)
+  a = sub.add_parser("to-hf", help="fmjax workdir -> Hugging Face directory",
+                     description="fmjax workdir -> Hugging Face directory")
+  a.add_argument("--workdir", required=True, help="the workdir of a training run")
   a.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  a.add_argument("--out", required=True)
-  a.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  a.add_argument("--out", required=True, help="a new directory for the Hugging Face files")
+  a.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="dtype of the written weights (default float32)")
   a.add_argument("--max_shard_gb", type=float, default=2.0,
-                 help="largest safetensors file; more weights are split with an index")
+                 help="largest safetensors file, > 0; more weights are split with an index")
   a.add_argument("--tokenizer", default="auto",
                  help="auto (the run's), none, or a sentencepiece .model file")
-  b = sub.add_parser("from-hf", help="Hugging Face directory -> fmjax directory")
-  b.add_argument("--hf", required=True)
-  b.add_argument("--out", required=True)
-  args = parser.parse_args(argv)
+  b = sub.add_parser("from-hf", help="Hugging Face directory -> fmjax directory",
+                     description="Hugging Face directory -> fmjax directory")
+  b.add_argument("--hf", required=True, help="a Hugging Face model directory")
+  b.add_argument("--out", required=True, help="a new directory for the fmjax checkpoint")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.command == "to-hf":
+    if args.step is not None and args.step < 0:
+      a.error(f"--step={args.step} must be >= 0")
+    if not args.max_shard_gb > 0:
+      a.error(f"--max_shard_gb={args.max_shard_gb} must be > 0")
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion runs on the host
   started = time.perf_counter()
@@ -201,9 +214,8 @@ def main(argv=None) -> int:
       from_hf(args.hf, args.out)
       print(f"wrote {args.out} from {args.hf} in {time.perf_counter() - started:.1f} s")
   except (FormatError, checkpoint_lib.NonFiniteCheckpoint) as e:
-    print(f"fmjax: {e}", file=sys.stderr)
-    return 1
-  return 0
+    raise errors.Failure(str(e)) from None
+  return errors.OK
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ run's checkpoint.init_from or objective.dpo.reference.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 
 import jax
 
+from fmjax import errors
 from fmjax.posttrain import lora, plan
 from fmjax.train import checkpoint, records, trained_run
 
@@ -24,12 +25,23 @@ def merged_params(params, cfg) -> dict:
   return {k: v for k, v in lora.merge(params, cfg.lora).items() if k not in plan.ADDED}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", required=True)
-  args = parser.parse_args(argv)
-  cfg, _, params, step = trained_run.load(args.workdir, "fmjax.export")
+def main(argv=None) -> int:
+  return errors.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = errors.ArgumentParser(prog="python -m fmjax.export",
+                                 description=errors.command_help(__doc__))
+  parser.add_argument("--workdir", required=True, help="the workdir of a (LoRA) training run")
+  parser.add_argument("--out", required=True,
+                      help="a new directory for the merged checkpoint and its config.json")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  out = os.path.abspath(os.path.expanduser(args.out))
+  if out == os.path.abspath(os.path.expanduser(args.workdir)):
+    parser.error(f"--out={args.out} is the run's own workdir; choose a new directory")
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    parser.error(f"--out={args.out} exists and is not empty; choose a new directory")
+  cfg, _, params, step = trained_run.load(args.workdir, "fmjax")
   merged = jax.jit(lambda p: merged_params(p, cfg))(params)
   out_cfg = cfg.copy_and_resolve_references()
   out_cfg.lora.rank = 0
@@ -40,7 +52,8 @@ def main(argv=None):
               force=True)
   records.write_json(os.path.join(args.out, "config.json"), out_cfg.to_dict())
   print(f"wrote {args.out}/checkpoints/{step}: merged parameters of {args.workdir}")
+  return errors.OK
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,6 +1,6 @@
 """Several fmjax processes on this machine, as one multi-process run: what a pod does, on a CPU.
 
-  python -m fmjax.launch_local --processes=2 --devices-per-process=4 -- \
+  python -m fmjax.launch_local --processes=2 --devices-per-process=4 -- \\
       --config=experiments/pretrain_tiny.py --workdir=runs/two_hosts
 
 starts N copies of `python -m fmjax.main ARGS` (or --module), each with its
@@ -19,7 +19,6 @@ them. Exit status 0 when all of them exit 0.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -27,6 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from fmjax import errors
 
 POLL_S = 0.05
 
@@ -117,7 +118,7 @@ class Launcher:
       if failed:
         i, code = failed[0]
         why = f"signal {-code}" if code < 0 else f"status {code}"
-        self._log(f"process {i} exited with {why}; killing the others")
+        errors.report(f"process {i} exited with {why}; killing the others")
         self._signal(signal.SIGKILL)
         for p in self.procs:
           p.wait()
@@ -135,18 +136,25 @@ class Launcher:
 
 
 def main(argv=None) -> int:
+  return errors.run(_main, argv)
+
+
+def _main(argv) -> int:
   argv = sys.argv[1:] if argv is None else argv
   ours, args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
       else (argv, [])
-  parser = argparse.ArgumentParser(prog="python -m fmjax.launch_local",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--processes", type=int, default=2)
+  parser = errors.ArgumentParser(prog="python -m fmjax.launch_local",
+                                 description=errors.command_help(__doc__))
+  parser.add_argument("--processes", type=int, default=2, help="how many processes (default 2)")
   parser.add_argument("--devices-per-process", "--devices_per_process", type=int, default=4,
-                      dest="devices_per_process")
-  parser.add_argument("--module", default="fmjax.main", help="the command each process runs")
+                      dest="devices_per_process",
+                      help="fake CPU devices of each process (default 4)")
+  parser.add_argument("--module", default="fmjax.main",
+                      help="the command each process runs (default fmjax.main)")
   opts = parser.parse_args(ours)
   if opts.processes < 1 or opts.devices_per_process < 1:
-    parser.error("--processes and --devices-per-process must be >= 1")
+    parser.error(f"--processes={opts.processes} and --devices-per-process="
+                 f"{opts.devices_per_process} must be >= 1")
   if not args:
     parser.error("give the command's arguments after --, e.g. -- --config=FILE --workdir=DIR")
   launcher = Launcher(opts.processes, opts.devices_per_process, args, opts.module)

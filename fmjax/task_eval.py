@@ -10,12 +10,13 @@ writes to WORKDIR/task_eval.json, the accuracy overall and per task.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 
 import jax
 
+from fmjax import errors
 from fmjax.data import task_batches, tasks, tokenizer as tokenizer_lib
 from fmjax.nn import decoding
 from fmjax.nn.spec import ModelSpec
@@ -43,18 +44,28 @@ def task_accuracy(params, cfg, tokenizer, examples: int = 300, batch: int = 100,
           "by_task": {t: r / max(n, 1) for t, (r, n) in by_task.items()}}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--examples", type=int, default=300)
-  args = parser.parse_args(argv)
-  cfg, _, params, step = trained_run.load(args.workdir, "fmjax.task_eval")
+def main(argv=None) -> int:
+  return errors.run(_main, argv)
+
+
+def _main(argv) -> int:
+  parser = errors.ArgumentParser(prog="python -m fmjax.task_eval",
+                                 description=errors.command_help(__doc__))
+  parser.add_argument("--workdir", required=True,
+                      help="the workdir of a training run (an SFT run, for the chat template)")
+  parser.add_argument("--examples", type=int, default=300,
+                      help="how many validation prompts to answer, >= 1 (default 300)")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.examples < 1:
+    parser.error(f"--examples={args.examples} must be >= 1")
+  cfg, _, params, step = trained_run.load(args.workdir, "fmjax")
   params = jax.device_get(params)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   result = dict(task_accuracy(params, cfg, tok, args.examples), step=step)
   print(json.dumps(result, indent=2, sort_keys=True))
   records.write_json(os.path.join(args.workdir, "task_eval.json"), result)
+  return errors.OK
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

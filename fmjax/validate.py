@@ -26,6 +26,7 @@ from fmjax.nn.spec import head_dim
 from fmjax.posttrain import lora
 from fmjax.scaling import sizing
 from fmjax.train.preemption import parse_duration
+from fmjax.train.profiling import parse_steps
 
 
 def resolve(cfg, n_devices: int):
@@ -147,6 +148,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     parse_duration(t.max_runtime)
   except ValueError as e:
     raise ConfigError(f"train.max_runtime: {e}") from None
+  _check_profile_steps(t)
 
   shape = mesh_shape(cfg.mesh, n_devices)
   _check_rules(cfg.sharding, shape)
@@ -195,6 +197,13 @@ def _check_posttraining(cfg):
     if not lora.targets(model.param_decls(cfg.model), lo):
       raise ConfigError(f"lora.targets={lo.targets!r} matches no weight matrix; names look "
                         "like layers.wq, layers.w_down, unembed")
+
+
+def _check_profile_steps(t):
+  try:
+    parse_steps(t.profile_steps)
+  except ValueError as e:
+    raise ConfigError(f"train.profile_steps={t.profile_steps!r}: {e}") from None
 
 
 def _check_gqa(m):

@@ -71,8 +71,7 @@ def tokens(vocab, seed=1, shape=(2, 16)):
 
 
 def fmjax_logits(params, cfg, toks):
-  cfg = cfg.copy_and_resolve_references()
-  cfg.model.moe.dispatch = "dropless"  # as HF DeepSeek-V3, which drops no tokens
+  """fmjax's logits for `toks` under `cfg` exactly as given (its dispatch included)."""
   positions = np.broadcast_to(np.arange(toks.shape[1], dtype=np.int32), toks.shape)
   forward = jax.jit(lambda p, t: model.forward(p, t, np.ones_like(toks), positions,
                                                       ModelSpec.from_config(cfg)))
@@ -119,17 +118,26 @@ def test_export_matches_transformers_and_round_trips(case, tmp_path):
     assert json.load(f)["architectures"] == [tables.format_for(cfg.model).architecture]
   assert os.path.isfile(os.path.join(out, st.INDEX))
   toks = tokens(cfg.model.vocab_size)
-  assert rel_err(hf_logits(out, toks), fmjax_logits(params, cfg, toks)) < 1e-4
+  dropless = dropless_config(cfg)  # HF DeepSeek-V3 drops no tokens
+  assert rel_err(hf_logits(out, toks), fmjax_logits(params, dropless, toks)) < 1e-4
 
   convert.from_hf(out, str(tmp_path / "back"))
   back_cfg = convert.load_workdir_config(str(tmp_path / "back"))
   unused = tables.format_for(cfg.model).unused  # fields the attention kind does not read
   assert ({k: v for k, v in back_cfg.model.items() if k not in unused} ==
-          {k: v for k, v in cfg.model.items() if k not in unused})
+          {k: v for k, v in dropless.model.items() if k not in unused})
   jax.tree.map(np.testing.assert_array_equal, read_params(str(tmp_path / "back"), cfg), params)
   convert.to_hf(str(tmp_path / "back"), str(tmp_path / "hf2"), max_shard_bytes=100_000,
                 tokenizer="none")
   same_files(out, str(tmp_path / "hf2"))
+
+
+def dropless_config(cfg):
+  """`cfg` with dropless dispatch (a copy), the function an HF DeepSeek-V3 model computes."""
+  cfg = cfg.copy_and_resolve_references()
+  if cfg.model.moe.n_routed_experts:
+    cfg.model.moe.dispatch = "dropless"
+  return cfg
 
 
 def random_hf_model(kind, tmp_path, dtype="float32"):
@@ -175,16 +183,45 @@ def random_hf_model(kind, tmp_path, dtype="float32"):
   return out, toks, logits
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("deepseek", "bfloat16"),
-                                        ("deepseek_moe", "float32")])
+@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("deepseek", "bfloat16")])
 def test_import_matches_transformers(kind, dtype, tmp_path):
   pytest.importorskip("transformers")
   directory, toks, want = random_hf_model(kind, tmp_path, dtype)
   assert os.path.isfile(os.path.join(directory, st.INDEX))
-  _, fields = hf.read_config(directory)
-  cfg = tiny_config(**fields)
-  params = read_params(_imported(directory, tmp_path), cfg)
+  imported = _imported(directory, tmp_path)
+  cfg = convert.load_workdir_config(imported)  # the config the import wrote, as it is
+  assert rel_err(fmjax_logits(read_params(imported, cfg), cfg, toks), want) < 1e-4
+
+
+def test_an_imported_deepseek_moe_gives_transformers_logits_through_every_path(tmp_path):
+  """from-hf's config, and init_from=HF_DIR with read_config's fields, run model.forward
+  as transformers does: dropless dispatch, the (non-zero) router bias in the selection."""
+  pytest.importorskip("transformers")
+  directory, toks, want = random_hf_model("deepseek_moe", tmp_path)
+  bias = st.Reader(directory).get("model.layers.1.mlp.gate.e_score_correction_bias")
+  assert np.abs(bias).min() > 0
+  imported = _imported(directory, tmp_path)
+  cfg = convert.load_workdir_config(imported)  # what fmjax.sample and init_from=DIR read
+  assert cfg.model.moe.dispatch == "dropless" and cfg.model.moe.balance == "aux_free"
+  params = read_params(imported, cfg)
   assert rel_err(fmjax_logits(params, cfg, toks), want) < 1e-4
+
+  direct = tiny_config(**hf.read_config(directory)[1])  # checkpoint.init_from=HF_DIR
+  checkpoint.check_init_from(directory, direct.model)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1, tensor=1), jax.devices()[:1])
+  abstract = state_lib.setup(direct, mesh).abstract_state["params"]
+  hf_params = jax.device_get(checkpoint.restore_params(directory, abstract, direct.model))
+  assert rel_err(fmjax_logits(hf_params, direct, toks), want) < 1e-4
+
+  # capacity dispatch drops tokens of this model, so it computes another function,
+  # and init_from refuses it
+  capacity = direct.copy_and_resolve_references()
+  capacity.model.moe.dispatch = "capacity"
+  assert rel_err(fmjax_logits(hf_params, capacity, toks), want) > 1e-2
+  with pytest.raises(FormatError, match=r"^model.moe.dispatch='capacity' drops tokens that "
+                                        r"transformers runs through the experts of .*; set "
+                                        r"model.moe.dispatch='dropless'"):
+    checkpoint.check_init_from(directory, capacity.model)
 
 
 def _imported(directory, tmp_path):
@@ -293,7 +330,7 @@ def test_a_router_bias_fmjax_does_not_select_with_exports_as_zeros(tmp_path):
   reader = st.Reader(out)
   assert not reader.get("model.layers.0.mlp.gate.e_score_correction_bias").any()
   toks = tokens(cfg.model.vocab_size)
-  assert rel_err(hf_logits(out, toks), fmjax_logits(params, cfg, toks)) < 1e-4
+  assert rel_err(hf_logits(out, toks), fmjax_logits(params, dropless_config(cfg), toks)) < 1e-4
   _, fields = hf.read_config(out)  # imported, the (zero) bias selects: the same routing
   assert fields["moe"]["balance"] == "aux_free"
 
@@ -307,7 +344,8 @@ def test_a_router_bias_fmjax_does_not_select_with_exports_as_zeros(tmp_path):
 ])
 def test_an_hf_mixture_of_experts_fmjax_cannot_hold_is_refused(change, needle):
   hf_cfg = config_map.to_hf_config(tiny_config(**MLA, n_layers=3, moe=MOE).model, seq_len=32)
-  assert config_map.model_fields(hf_cfg)["moe"] == dict(tiny_config(moe=MOE).model.moe)
+  want = tiny_config(moe=dict(MOE, dispatch="dropless")).model.moe
+  assert config_map.model_fields(hf_cfg)["moe"] == dict(want)
   with pytest.raises(FormatError, match=re.escape(needle)) as e:
     config_map.model_fields(dict(hf_cfg, **change))
   assert "\n" not in str(e.value)

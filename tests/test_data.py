@@ -236,3 +236,82 @@ def test_check_vocab(tok):
   pipeline.check_vocab(tok, 640)  # a model vocab padded up is fine
   with pytest.raises(ValueError, match=f"has {VOCAB} pieces.*vocab_size is 256.*>= {VOCAB}"):
     pipeline.check_vocab(tok, 256)
+
+
+# -- tools/convert_text.py ----------------------------------------------------------------
+
+
+def _convert_text():
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                      "convert_text.py")
+  spec = importlib.util.spec_from_file_location("convert_text", path)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  return tool.main
+
+
+def _files_under(path):
+  return sorted(os.path.relpath(os.path.join(root, f), path)
+                for root, _, files in os.walk(path) for f in files)
+
+
+def test_convert_text_fails_when_it_writes_no_documents(tmp_path, capsys):
+  """An empty file, a directory, or only over-long documents: one `fmjax:` line naming the
+  input and the fix, a non-zero status, and no output at all (not even its directory)."""
+  main = _convert_text()
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "blank.txt").write_text("\n\n  \n")
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "a.txt").write_text("in a directory")
+  big = "word " * 300  # 1500 bytes
+  (tmp_path / "big.txt").write_text(big)
+  before = _files_under(tmp_path)
+  out = str(tmp_path / "out" / "name")
+  cases = [
+      ([str(tmp_path / "empty.txt")], 1, ["no documents in", "empty.txt", "1 empty",
+                                          "give files that hold text"]),
+      (["--unit=paragraph", str(tmp_path / "blank.txt")], 1, ["no documents in", "blank.txt",
+                                                              "no text"]),
+      ([str(tmp_path / "corpus")], 2, ["input", "corpus is a directory",
+                                       f"'{tmp_path / 'corpus' / '*.txt'}'"]),
+      (["--max_doc_bytes=1000", str(tmp_path / "big.txt")], 1,
+       ["big.txt", "1 over 1000 bytes", f"raise --max_doc_bytes to at least {len(big)}",
+        "--unit=paragraph"]),
+      (["--validation_every=1", str(tmp_path / "big.txt")], 2, ["validation_every=1"]),
+  ]
+  for args, status, needles in cases:
+    assert main([f"--out={out}", *args]) == status, args
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fmjax: "), captured.err
+    for needle in needles:
+      assert needle in lines[0], (needle, lines[0])
+    assert _files_under(tmp_path) == before and not os.path.exists(tmp_path / "out")
+
+
+def test_convert_text_says_what_it_skipped(tmp_path, capsys):
+  from array_record.python.array_record_module import ArrayRecordReader
+  main = _convert_text()
+  (tmp_path / "a.txt").write_text("kept one\n\n" + "x" * 80 + "\n\nkept two\n\n\n")
+  (tmp_path / "b.jsonl").write_text(json.dumps({"text": " "}) + "\n" +
+                                    json.dumps({"text": "kept three"}) + "\n")
+  out = str(tmp_path / "out" / "name")
+  assert main([f"--out={out}", "--unit=paragraph", "--max_doc_bytes=50",
+               "--validation_every=0", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]) == 0
+  captured = capsys.readouterr()
+  warnings = captured.err.strip().splitlines()
+  assert warnings == [f"warning: skipped 2 of 5 documents: 1 over 50 bytes (first: "
+                      f"{tmp_path / 'a.txt'} line 3), 1 empty (first: {tmp_path / 'b.jsonl'} "
+                      f"line 1); to keep them, raise --max_doc_bytes to at least 80"]
+  assert json.loads(captured.out)["documents"] == {"train": 3}
+  reader = ArrayRecordReader(f"{out}-train.array_record-00000-of-00001")
+  assert [r.decode() for r in reader.read_all()] == ["kept one", "kept two", "kept three"]
+  reader.close()
+
+  (tmp_path / "c.txt").write_text("one\n\ntwo\n\nthree\n")  # 3 documents, none to validation
+  assert main([f"--out={out}", "--unit=paragraph", str(tmp_path / "c.txt")]) == 0
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "warning: the validation split is empty: 3 documents, one in 20 goes to it; pass "
+      "--validation_every between 2 and 3 for held-out evaluation of this source"]

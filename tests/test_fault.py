@@ -340,4 +340,13 @@ def test_fault_drills_reduced(data_dir, tmp_path):
   print(fault_drill.table(rows))
   for row in rows:
     assert row.survived == row.trials == 1, row
-    assert max(row.recomputed) <= fault_drill.EVERY
+    assert max(row.recomputed) <= fault_drill.BOUND
+
+
+def test_the_drill_holds_kills_to_the_bound_of_asynchronous_saves():
+  """Recorded step t: every checkpoint of a multiple of EVERY up to t - EVERY is complete."""
+  e = fault_drill.EVERY
+  assert fault_drill.BOUND == 2 * e - 1
+  assert [fault_drill.promised(t) for t in (0, e - 1, e, 2 * e - 1, 2 * e, 3 * e - 1)] == \
+      [0, 0, 0, 0, e, e]
+  assert max(t - fault_drill.promised(t) for t in range(4 * e)) == fault_drill.BOUND

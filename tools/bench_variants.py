@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import math
 import os
@@ -30,13 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(path: str):
-  arg = None
-  if ":" in path:
-    path, arg = path.split(":", 1)
-  spec = importlib.util.spec_from_file_location("experiment", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The config of experiment `path` ('FILE' or 'FILE:ARG'), loaded as --config loads it."""
+  from fmjax.runtime import cli
+  return cli.load_experiment(path)
 
 
 def apply(cfg, overrides: str):

@@ -214,6 +214,15 @@ def commands(argv) -> list[list[str]]:
   return (make(rest) if a.command in ("run", "fetch") else make()), a.dry_run
 
 
+def _fetched_nothing(line) -> str | None:
+  """After `fetch`'s rsync (`line`): why nothing came, if the workdir holds no file."""
+  records, workdir = line[-2], line[-1]
+  if any(files for _, _, files in os.walk(workdir)):
+    return None
+  return (f"fmjax: nothing came from {records}: it holds no records yet (worker 0 copies "
+          f"them every minute while the run lasts), or --workdir={workdir} is not the run's")
+
+
 def main(argv=None) -> int:
   lines, dry_run = commands(sys.argv[1:] if argv is None else argv)
   for line in lines:
@@ -222,6 +231,10 @@ def main(argv=None) -> int:
       result = subprocess.run(line)
       if result.returncode:
         return result.returncode
+  if not dry_run and lines and lines[-1][:3] == ["gcloud", "storage", "rsync"]:  # fetch
+    if problem := _fetched_nothing(lines[-1]):
+      print(problem, file=sys.stderr)
+      return 1
   return 0
 
 

@@ -32,7 +32,8 @@ counted (in the iterator state) and logged with their file and record; text
 that is not UTF-8 stops the run with the file and record (or is skipped, with
 data.bad_utf8 = "skip"). If more than data.max_skip_fraction of the documents
 read so far are skipped (after the first 100), the stream stops with an error:
-a run never trains on a source that is mostly garbage.
+a run never trains on a source that is mostly garbage. A source with no
+documents in a split (EmptySourceError), or none that can be used, stops it too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ MIN_DOCS_FOR_SKIP_CHECK = 100
 
 class BadDataError(ValueError):
   """A document that cannot be used, named by its file and record."""
+
+
+class EmptySourceError(BadDataError):
+  """A source of data.mixture has no documents in a split."""
 
 
 class Prepare(grain.transforms.MapWithIndex):
@@ -155,19 +160,24 @@ class _HostDocumentsIterator(grain.DatasetIterator):
 class SkipBad(grain.IterDataset):
   """Drops documents marked for skipping; counts and logs them; stops on too many."""
 
-  def __init__(self, parent: grain.IterDataset, name: str, max_skip_fraction: float):
+  def __init__(self, parent: grain.IterDataset, name: str, max_skip_fraction: float,
+               hopeless_after: int = 0):
     super().__init__(parent)
     self.name, self.max_skip_fraction = name, max_skip_fraction
+    self.hopeless_after = hopeless_after
 
   def __iter__(self):
-    return _SkipBadIterator(self._parent.__iter__(), self.name, self.max_skip_fraction)
+    return _SkipBadIterator(self._parent.__iter__(), self.name, self.max_skip_fraction,
+                            self.hopeless_after)
 
 
 class _SkipBadIterator(grain.DatasetIterator):
+  """After `hopeless_after` documents (0: never), all of them skipped, the stream stops:
+  an endless stream of a source with no usable document would look for one forever."""
 
-  def __init__(self, parent, name, max_skip_fraction):
+  def __init__(self, parent, name, max_skip_fraction, hopeless_after=0):
     super().__init__(parent)
-    self._name, self._max = name, max_skip_fraction
+    self._name, self._max, self._hopeless_after = name, max_skip_fraction, hopeless_after
     self._seen, self._skipped = 0, 0
 
   def __next__(self):
@@ -185,6 +195,11 @@ class _SkipBadIterator(grain.DatasetIterator):
             f"data source {self._name}: {self._skipped} of the {self._seen} documents read "
             f"so far were skipped, over data.max_skip_fraction={self._max} (last: "
             f"{doc['skip']}); fix the data or raise the limit")
+      if self._hopeless_after and self._skipped == self._seen >= self._hopeless_after:
+        raise BadDataError(
+            f"data source {self._name}: none of its documents can be used ({self._seen} read, "
+            f"all skipped; last: {doc['skip']}); fix the data or take the source out of "
+            "data.mixture")
 
   def get_state(self):
     return {"parent": self._parent.get_state(), "seen": self._seen, "skipped": self._skipped}
@@ -202,10 +217,22 @@ def pack(docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
 
 
 def open_sources(d, split: str) -> dict[str, sources_lib.Source]:
-  """name -> source of `split`, for every component of data.mixture."""
+  """name -> source of `split`, for every component of data.mixture.
+
+  Raises EmptySourceError, naming the source and split, if one has no documents.
+  """
   data_dir = os.path.expanduser(d.data_dir)
-  return {c.name: sources_lib.open_source(c.spec, split, data_dir)
-          for c in mixture_lib.parse_mixture(d.mixture)}
+  out = {}
+  for c in mixture_lib.parse_mixture(d.mixture):
+    source = sources_lib.open_source(c.spec, split, data_dir)
+    if not len(source.records):
+      files = source.metadata.get("files")
+      where = f" ({files} file{'s' if files != 1 else ''}, all empty)" if files else ""
+      raise EmptySourceError(
+          f"data.mixture source {c.name!r} has no documents in its {split} split{where}; "
+          "write documents into it (tools/convert_text.py), or take it out of data.mixture")
+    out[c.name] = source
+  return out
 
 
 def train_dataset(d, tokenizer: Tokenizer, *, batch_size: int, process_index: int = 0,
@@ -224,7 +251,10 @@ def train_dataset(d, tokenizer: Tokenizer, *, batch_size: int, process_index: in
     seed = _mix(d.seed if i == 0 else (d.seed, i))
     docs = documents(srcs[c.name], tokenizer, d).shuffle(seed=seed).repeat()
     stream = HostDocuments(docs, process_index, process_count, d.num_workers)
-    rows[c.name] = pack(SkipBad(stream, c.name, d.max_skip_fraction), d.seq_len)
+    # Four epochs of every host's share: a usable document would have come up by then.
+    hopeless_after = 4 * len(srcs[c.name].records) * process_count
+    rows[c.name] = pack(SkipBad(stream, c.name, d.max_skip_fraction, hopeless_after),
+                        d.seq_len)
   if len(stages) == 1 and len(rows) == 1:
     mixed = rows[components[0].name]  # one source: nothing to mix
   else:

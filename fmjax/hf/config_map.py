@@ -31,10 +31,13 @@ MOE_FIXED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_fr
 # model.moe fields fmjax must have for that routing; balance is set on import, and on export
 # a bias that fmjax's selection does not use (balance != 'aux_free') is written as zeros.
 MOE_ROUTING = {"score": "sigmoid", "moe_layer_freq": 1}
-# model.moe fields of training and execution only (dispatch: HF DeepSeek-V3 drops
-# no tokens, so its logits are those of fmjax's dropless dispatch).
+# model.moe fields of training and execution only.
 MOE_NOT_STORED = ("balance", "aux_loss_coef", "aux_loss_scope", "router_z_loss_coef",
                   "bias_update_rate", "dispatch", "capacity_factor", "grouped_matmul")
+# model.moe fields an import sets so that fmjax computes the function transformers does:
+# the router bias takes part in the selection, and no token is dropped (HF DeepSeek-V3
+# runs every token through its experts; capacity dispatch would drop the overflow).
+MOE_IMPORTED = {"balance": "aux_free", "dispatch": "dropless"}
 
 # Model fields that are not part of the function a checkpoint holds.
 NOT_STORED = ("depth", "aspect_ratio", "attention", "init_std", "dtype", "remat",
@@ -166,9 +169,9 @@ def _moe_fields(hf_cfg: dict, where: str) -> dict:
     raise FormatError(f"{where}: n_shared_experts=0 is not supported; fmjax converts "
                       "mixtures of experts with at least one shared expert")
   out = dict(config_lib.base().model.moe)
-  out.update({field: hf_cfg[key] for field, key in MOE_FIELDS.items()}, **MOE_ROUTING)
-  out.update(balance="aux_free",  # the router bias takes part in the selection
-             norm_topk_prob=bool(out["norm_topk_prob"]),
+  out.update({field: hf_cfg[key] for field, key in MOE_FIELDS.items()}, **MOE_ROUTING,
+             **MOE_IMPORTED)
+  out.update(norm_topk_prob=bool(out["norm_topk_prob"]),
              routed_scaling_factor=float(out["routed_scaling_factor"]))
   return out
 

@@ -17,7 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from fmjax import config as config_lib
-from fmjax.hf.config_map import MOE_FIELDS, MOE_ROUTING, model_fields, to_hf_config
+from fmjax.hf.config_map import MOE_FIELDS, MOE_IMPORTED, MOE_ROUTING, model_fields, to_hf_config
 from fmjax.hf.layout import _lead, _slices, from_hf, hf_shape, to_hf
 from fmjax.hf.safetensors_files import INDEX, WEIGHTS, DTYPES, FormatError, Reader, Writer, read_json
 from fmjax.hf.tables import DERIVED, format_for, hf_names, tensor_table
@@ -114,6 +114,10 @@ def check(directory: str, m=None) -> tuple[dict, Reader, list]:
 def _check_same_model(directory, fields, m):
   for name, value in _flat(fields):
     have = m[name]  # a ConfigDict reads "moe.balance" as m.moe.balance
+    if have != value and name == "moe.dispatch":
+      raise FormatError(f"model.moe.dispatch={have!r} drops tokens that transformers runs "
+                        f"through the experts of {directory}; set model.moe.dispatch={value!r} "
+                        f"(fmjax.hf.files.read_config({directory!r})[1] has it)")
     if have != value:
       raise FormatError(f"model.{name}={have!r} but the checkpoint in {directory} has "
                         f"{value!r}; set the model from fmjax.hf.files.read_config({directory!r})[1]")
@@ -126,7 +130,7 @@ def _flat(fields):
       for k in keys:
         yield f"rope_scaling.{k}", value[k]
     elif name == "moe":  # what the checkpoint's function depends on
-      for k in (*MOE_FIELDS, *MOE_ROUTING, "balance"):
+      for k in (*MOE_FIELDS, *MOE_ROUTING, *MOE_IMPORTED):
         yield f"moe.{k}", value[k]
     elif name != "head_dim" or fields["attention"] == "gqa":
       yield name, value

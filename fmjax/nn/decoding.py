@@ -86,11 +86,13 @@ def _step_and_sample(params, cache, tokens_B, positions_B, key, index, spec, sam
 
 def generate(params, spec, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_id: int | None = None, mesh=None) -> list[list[int]]:
+             stop_id: int | None = None, mesh=None, progress=None) -> list[list[int]]:
   """Each prompt followed by up to `max_new_tokens` generated ids (ending at `stop_id`).
 
   Compiles one prefill and one step for the batch shape; the step then runs
-  once per token. Pass `mesh` to shard the cache and the batch over it.
+  once per token. Pass `mesh` to shard the cache and the batch over it, and
+  `progress` to be called with the number of tokens generated so far as each
+  one arrives.
   """
   if not prompts or any(not p for p in prompts):
     raise ValueError("every prompt needs at least one token (e.g. the BOS id)")
@@ -114,11 +116,15 @@ def generate(params, spec, prompts: list[list[int]], max_new_tokens: int,
       next_B, cache = _step_and_sample(params, cache, token_B, lengths_B + (i - 1), key,
                                        np.int32(i), spec=spec, sampling=sampling)
       new.append(np.asarray(token_B))
+      if progress is not None:
+        progress(len(new))
       if stop_id is not None and (np.stack(new) == stop_id).any(axis=0).all():
         break
       token_B = next_B
     else:
       new.append(np.asarray(token_B))
+      if progress is not None:
+        progress(len(new))
 
   out = []
   for b, prompt in enumerate(prompts):
@@ -131,12 +137,13 @@ def generate(params, spec, prompts: list[list[int]], max_new_tokens: int,
 
 def sample_texts(params, spec, tokenizer, prompts: list[str], max_new_tokens: int,
                  temperature: float, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
-                 mesh=None) -> list[str]:
+                 mesh=None, progress=None) -> list[str]:
   """Each prompt's continuation as text, decoded as one batch; stops at the tokenizer's EOS.
 
-  `tokenizer` has encode, decode, bos_id and eos_id (fmjax.data.tokenizer.Tokenizer).
+  `tokenizer` has encode, decode, bos_id and eos_id (fmjax.data.tokenizer.Tokenizer);
+  `progress` is `generate`'s.
   """
   ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   out = generate(params, spec, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                 stop_id=tokenizer.eos_id, mesh=mesh)
+                 stop_id=tokenizer.eos_id, mesh=mesh, progress=progress)
   return [tokenizer.decode([t for t in o[1:] if t != tokenizer.eos_id]) for o in out]

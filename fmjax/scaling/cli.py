@@ -1,61 +1,89 @@
-"""The scaling-law command: fit a records table, plot it, and report.
+"""The scaling-law command: fit a table of runs, plot it, and report.
 
-  python -m fmjax.scaling fit RECORDS --out=DIR [--predict C ...]
+  python -m fmjax.scaling fit TABLE --out=DIR [--predict C ...]
+
+TABLE is JSONL or CSV, one row per run: a sweep's records.jsonl, or published
+results. It is read as is: the columns of N (params, N, parameters, model_size,
+...), D (tokens, D, training_tokens, ...), the loss (final_eval_loss, loss,
+val_loss, ...) and C (flops, C, compute, ...; 6 N D without one) are found by
+name (fmjax.scaling.fit.COLUMN_NAMES), and --n_column, --d_column,
+--loss_column and --c_column override them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from fmjax import errors
 from fmjax.scaling import plots
-from fmjax.scaling.fit import (PARAMETRIC_NAMES, columns, compare_entropy, fit_all,
-                               known_entropy, load_table)
+from fmjax.scaling.fit import PARAMETRIC_NAMES, ColumnError, fit_points, load_points
+
+FLAGS = {"N": "n_column", "D": "d_column", "loss": "loss_column", "C": "c_column"}
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fmjax.scaling",
-                                   description="Fit scaling laws to a records table.")
+def _fit(argv) -> int:
+  parser = errors.ArgumentParser(prog="python -m fmjax.scaling", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
-  f = sub.add_parser("fit", help="fit, plot and predict from RECORDS (JSONL or CSV)")
-  f.add_argument("records")
+  f = sub.add_parser("fit", help="fit, plot and predict from TABLE (JSONL or CSV)",
+                     description=__doc__)
+  f.add_argument("records", metavar="TABLE")
   f.add_argument("--out", required=True, help="directory for fit.json and the plots")
-  f.add_argument("--n_column", default="params",
-                 help="the model-size column: params, non_embedding_params or active_params")
-  f.add_argument("--d_column", default="tokens")
-  f.add_argument("--loss_column", default="final_eval_loss")
-  f.add_argument("--c_column", default="flops", help="'' for C = 6 N D")
+  f.add_argument("--n_column", default=None,
+                 help="the model-size column (default: found by name; fmjax's records also "
+                 "have non_embedding_params and active_params)")
+  f.add_argument("--d_column", default=None, help="the training-tokens column")
+  f.add_argument("--loss_column", default=None, help="the loss column")
+  f.add_argument("--c_column", default=None, help="the compute column; '' for C = 6 N D")
   f.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals")
-  f.add_argument("--bootstrap", type=int, default=100)
+  f.add_argument("--bootstrap", type=int, default=100,
+                 help="resamples for the 90%% intervals of the parameters; 0 for none")
   f.add_argument("--predict", type=float, nargs="*", default=(),
                  help="FLOP budgets to give the compute-optimal N and D for")
   args = parser.parse_args(argv)
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise errors.UsageError(f"--out={args.out} is a file; name a directory for fit.json and "
+                            "the plots")
   try:
-    rows = load_table(args.records)
-    N, D, L, C = columns(rows, args.n_column, args.d_column, args.loss_column,
-                         args.c_column or None)
-    result = fit_all(N, D, L, C, delta=args.delta, bootstrap=args.bootstrap,
-                     predict_at=args.predict)
-    entropy = known_entropy(rows)
-    if entropy is not None:
-      result["entropy"] = compare_entropy(result["parametric"], entropy)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    table = load_points(args.records, args.n_column, args.d_column, args.loss_column,
+                        args.c_column)
+  except ColumnError as e:
+    flag = FLAGS[e.role]
+    raise errors.UsageError(f"--{flag}={e.given}: {e}" if e.given is not None
+                            else f"{e}; name it with --{flag}=COLUMN") from None
+  except ValueError as e:
+    raise errors.Failure(e) from None
+  print(f"{len(table.rows)} runs from {args.records}: {describe_columns(table.columns)}",
+        file=sys.stderr)
+  try:
+    result = fit_points(table, delta=args.delta, bootstrap=args.bootstrap,
+                        predict_at=args.predict, progress=True)
+  except ValueError as e:
+    raise errors.Failure(e) from None
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "fit.json"), "w") as fh:
     json.dump(result, fh, indent=2)
-  paths = plots.plot_all(result, N, D, L, C, args.out)
+  paths = plots.plot_all(result, table.N, table.D, table.L, table.C, args.out)
   print("\n".join([report(result)] + [f"plot: {p}" for p in paths]))
   return 0
+
+
+def main(argv=None) -> int:
+  return errors.run(_fit, argv)
+
+
+def describe_columns(found: dict) -> str:
+  """'N=params, D=tokens, loss=final_eval_loss, C=flops' (C = 6 N D without a column)."""
+  return ", ".join(f"{role}={name}" if name else "C = 6 N D" for role, name in found.items())
 
 
 def report(result: dict) -> str:
   """A readable summary of `fit_all`'s result."""
   p = result["parametric"]
-  lines = [f"{result['points']} runs", "L(N, D) = E + A/N^alpha + B/D^beta:"]
+  lines = [f"{result['points']} runs" + (f" ({describe_columns(result['columns'])})"
+                                         if "columns" in result else ""),
+           "L(N, D) = E + A/N^alpha + B/D^beta:"]
   for k in PARAMETRIC_NAMES:
     ci = p["intervals"].get(k)
     lines.append(f"  {k:>5} = {p[k]:.4g}" + (f"   [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))

@@ -14,7 +14,11 @@ published results can be fitted the same way:
   * `compute_optimal`: N_opt(C), D_opt(C) and tokens per parameter implied by a
     parametric fit, with C = 6 N D.
 
-  python -m fmjax.scaling fit RECORDS.jsonl --out DIR [--n_column params]
+  python -m fmjax.scaling fit TABLE --out DIR [--n_column params]
+
+A table is JSONL or CSV with a row per run; `load_points` reads it as is,
+finding the columns of N, D, the loss and (optionally) C by their common names
+(COLUMN_NAMES), or by the names given.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import sys
 
 import numpy as np
+import tqdm
 from scipy import optimize
 
 PARAMETRIC_NAMES = ("E", "A", "B", "alpha", "beta")
@@ -50,49 +55,151 @@ BOUNDS = ((-30.0, 300.0), (-30.0, 300.0), (-30.0, 5.0), (0.0, 10.0), (0.0, 10.0)
 # ---------------------------------------------------------------------------
 # Tables
 
+# Column names each quantity goes by, in order of preference, compared without case,
+# spaces or punctuation ("Model Size" is modelsize). fmjax's own records come first
+# (records.jsonl: params, tokens, final_eval_loss, flops); then common names of
+# published tables.
+COLUMN_NAMES = {
+    "N": ("params", "N", "parameters", "n_params", "num_params", "num_parameters",
+          "model_size", "model_params", "size", "non_embedding_params", "active_params"),
+    "D": ("tokens", "D", "n_tokens", "num_tokens", "training_tokens", "train_tokens", "data",
+          "data_size", "dataset_size"),
+    "loss": ("final_eval_loss", "eval_loss", "val_loss", "validation_loss", "valid_loss",
+             "test_loss", "loss", "L", "final_loss", "best_eval_loss"),
+    "C": ("flops", "C", "compute", "training_flops", "training_flop", "train_flops", "flop"),
+}
+WHAT = {"N": "model-size (N)", "D": "training-tokens (D)", "loss": "loss",
+        "C": "training-compute (C)"}
+
+
+class ColumnError(ValueError):
+  """The table lacks a column the fit needs (`role`: N, D or loss), or one that was named
+  (`given`)."""
+
+  def __init__(self, message: str, role: str, given: str | None = None):
+    super().__init__(message)
+    self.role, self.given = role, given
+
+
+@dataclasses.dataclass
+class Points:
+  """The points of a table, and the column each quantity was read from."""
+  rows: list
+  N: np.ndarray
+  D: np.ndarray
+  L: np.ndarray
+  C: np.ndarray
+  columns: dict  # role (N, D, loss, C) -> column name; C is None for C = 6 N D
+
 
 def load_table(path: str) -> list[dict]:
   """Rows of a JSONL or CSV file (numbers parsed) as dicts."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"records file {path} does not exist; run a sweep first "
                             "(python -m fmjax.sweep) or pass another table")
-  with open(path) as f:
+  if os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is a directory; give its records.jsonl, or another "
+                            "table (JSONL or CSV)")
+  with open(path, newline="") as f:
     if path.endswith(".csv"):
-      return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+      return [{k.strip(): _number(v) for k, v in row.items() if k is not None}
+              for row in csv.DictReader(f)]
     rows = []
     for i, line in enumerate(f, 1):
       if line.strip():
         try:
-          rows.append(json.loads(line))
+          row = json.loads(line)
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}:{i} is not valid JSON ({e.msg}); fix or delete that line") from None
+        if not isinstance(row, dict):
+          raise ValueError(f"{path}:{i} is not a JSON object; each line is one run's record")
+        rows.append(row)
     return rows
 
 
 def _number(v):
+  if isinstance(v, str) and not v.strip():
+    return None  # an empty CSV cell
   try:
     return float(v)
   except (TypeError, ValueError):
     return v
 
 
-def columns(rows: list[dict], n: str = "N", d: str = "D", loss: str = "loss",
-            c: str | None = None):
-  """(N, D, L, C) float64 arrays from table rows; C is 6 N D unless column `c` is given."""
+def _key(name: str) -> str:
+  return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def find_columns(rows: list[dict], n: str | None = None, d: str | None = None,
+                 loss: str | None = None, c: str | None = None, where: str = "the table") -> dict:
+  """The column of each quantity: the one named, else the first of COLUMN_NAMES[role]
+  the table has. C may be absent (then None: C = 6 N D); c='' asks for 6 N D."""
   if not rows:
-    raise ValueError("the table has no rows; nothing to fit")
-  for key in (n, d, loss) + ((c,) if c else ()):
-    missing = [i for i, r in enumerate(rows) if r.get(key) is None]
-    if missing:
-      raise ValueError(f"row {missing[0]} has no {key!r} column; columns are "
-                       f"{sorted(rows[missing[0]])}; pick the right one with --n_column/--loss_column")
-  N, D, L = (np.array([r[k] for r in rows], np.float64) for k in (n, d, loss))
-  C = np.array([r[c] for r in rows], np.float64) if c else 6 * N * D
-  for name, x in (("N", N), ("D", D), ("loss", L), ("C", C)):
+    raise ValueError(f"{where} has no rows; nothing to fit")
+  present = list(dict.fromkeys(k for r in rows for k in r))
+  by_key = {}
+  for name in present:
+    by_key.setdefault(_key(name), name)
+  found = {}
+  for role, given in (("N", n), ("D", d), ("loss", loss), ("C", c)):
+    if given == "" and role == "C":
+      found[role] = None
+    elif given is not None:
+      if given not in present:
+        raise ColumnError(f"{where} has no column {given!r} (named for {WHAT[role]}); its "
+                          f"columns are {', '.join(present)}", role, given)
+      found[role] = given
+    else:
+      found[role] = next((by_key[_key(k)] for k in COLUMN_NAMES[role] if _key(k) in by_key),
+                         None)
+      if found[role] is None and role != "C":
+        raise ColumnError(f"{where} has no {WHAT[role]} column: none of "
+                          f"{', '.join(COLUMN_NAMES[role])}; its columns are "
+                          f"{', '.join(present)}", role)
+  return found
+
+
+def columns(rows: list[dict], n: str | None = None, d: str | None = None,
+            loss: str | None = None, c: str | None = None, where: str = "the table"):
+  """(N, D, L, C) float64 arrays from table rows, from the columns `find_columns` picks;
+  C is 6 N D when the table has no compute column (or c='')."""
+  p = points(rows, n, d, loss, c, where)
+  return p.N, p.D, p.L, p.C
+
+
+def points(rows: list[dict], n=None, d=None, loss=None, c=None, where="the table") -> Points:
+  """The table's points as a `Points`; ValueError naming the row and column of a bad value."""
+  found = find_columns(rows, n, d, loss, c, where)
+  values = {}
+  for role, name in found.items():
+    if name is None:
+      continue
+    x = np.empty(len(rows), np.float64)
+    for i, r in enumerate(rows):
+      v = r.get(name)
+      if v is None:
+        raise ValueError(f"row {i} of {where} has no {name!r} value ({WHAT[role]}); fill it "
+                         "in or delete the row")
+      try:
+        x[i] = float(v)
+      except (TypeError, ValueError):
+        raise ValueError(f"row {i} of {where}: {name}={v!r} is not a number "
+                         f"({WHAT[role]})") from None
+    values[role] = x
+  N, D, L = values["N"], values["D"], values["loss"]
+  C = values["C"] if found["C"] else 6 * N * D
+  for role, x in (("N", N), ("D", D), ("loss", L), ("C", C)):
     if not np.all(np.isfinite(x)) or np.any(x <= 0):
       i = int(np.flatnonzero(~np.isfinite(x) | (x <= 0))[0])
-      raise ValueError(f"row {i}: {name}={x[i]} must be a finite positive number")
-  return N, D, L, C
+      raise ValueError(f"row {i} of {where}: {found[role] or 'C = 6 N D'}={x[i]} must be a "
+                       f"finite positive number ({WHAT[role]})")
+  return Points(rows, N, D, L, C, found)
+
+
+def load_points(path: str, n: str | None = None, d: str | None = None,
+                loss: str | None = None, c: str | None = None) -> Points:
+  """A table file (JSONL or CSV) read as is: `load_table`, then `points`."""
+  return points(load_table(path), n, d, loss, c, where=path)
 
 
 # ---------------------------------------------------------------------------
@@ -161,6 +268,12 @@ def _minimise(starts, logN, logD, logL, delta):
              key=lambda res: res.fun)
 
 
+def _progress(iterable, desc: str, show: bool, total: int | None = None):
+  """`iterable` with a progress bar on stderr when `show` (a fit can take minutes)."""
+  return tqdm.tqdm(iterable, desc=desc, total=total, disable=not show, file=sys.stderr,
+                   leave=False)
+
+
 def _to_fit(theta, objective) -> ParametricFit:
   a, b, e, alpha, beta = theta
   return ParametricFit(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha),
@@ -169,23 +282,26 @@ def _to_fit(theta, objective) -> ParametricFit:
 
 def fit_parametric(N, D, L, delta: float = 1e-3, grid: dict | None = None,
                    refine: int = DEFAULT_REFINE, bootstrap: int = 0, confidence: float = 0.9,
-                   seed: int = 0) -> ParametricFit:
+                   seed: int = 0, progress: bool = False) -> ParametricFit:
   """Chinchilla's Approach 3 fit; `bootstrap` > 0 adds percentile intervals.
 
   L-BFGS runs from the `refine` grid points with the lowest objective (every
-  grid point when refine >= the grid's size).
+  grid point when refine >= the grid's size). `progress` shows the starts and
+  the bootstrap resamples on stderr.
   """
   logN, logD, logL = np.log(N), np.log(D), np.log(L)
   if len(logL) < 5:
     raise ValueError(f"{len(logL)} points cannot determine the 5 parameters of L(N, D); "
                      "run more sweep members")
   starts = _grid_starts(grid or DEFAULT_GRID)
-  best = _minimise(_best_starts(starts, logN, logD, logL, delta, refine), logN, logD, logL, delta)
+  best_starts = _best_starts(starts, logN, logD, logL, delta, refine)
+  best = _minimise(_progress(best_starts, "L(N, D) from each start", progress), logN, logD,
+                   logL, delta)
   fit = _to_fit(best.x, best.fun)
   if bootstrap:
     rng = np.random.default_rng(seed)
     fits = [refit(fit, N, D, L, rng.integers(0, len(logL), len(logL)), delta, grid)
-            for _ in range(bootstrap)]
+            for _ in _progress(range(bootstrap), "bootstrap resamples", progress)]
     samples = [[getattr(f, k) for k in PARAMETRIC_NAMES] for f in fits]
     lo, hi = np.quantile(np.array(samples), [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     fit.intervals = {k: (float(l), float(h)) for k, l, h in zip(PARAMETRIC_NAMES, lo, hi)}
@@ -331,12 +447,12 @@ def goodness(fit: ParametricFit, N, D, L) -> dict:
 
 
 def leave_one_budget_out(N, D, L, C, delta: float = 1e-3, grid: dict | None = None,
-                         full: ParametricFit | None = None) -> dict:
+                         full: ParametricFit | None = None, progress: bool = False) -> dict:
   """Refit without each budget and predict its runs: mean |relative error| per budget."""
   labels = group_budgets(C)
   full = full or fit_parametric(N, D, L, delta=delta, grid=grid)
   per_budget = []
-  for k in np.unique(labels):
+  for k in _progress(np.unique(labels), "leave-one-budget-out refits", progress):
     held = labels == k
     if (~held).sum() < 5:
       continue
@@ -354,13 +470,15 @@ def leave_one_budget_out(N, D, L, C, delta: float = 1e-3, grid: dict | None = No
 
 
 def fit_all(N, D, L, C, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0,
-            predict_at=()) -> dict:
-  """Every fit the table supports, as one JSON-ready dict."""
+            predict_at=(), progress: bool = False) -> dict:
+  """Every fit the table supports, as one JSON-ready dict; `progress` shows the slow
+  parts (the fit's starts, the bootstrap, the leave-one-budget-out refits) on stderr."""
   out = {"points": int(len(L))}
-  par = fit_parametric(N, D, L, delta=delta, bootstrap=bootstrap, seed=seed)
+  par = fit_parametric(N, D, L, delta=delta, bootstrap=bootstrap, seed=seed, progress=progress)
   out["parametric"] = par.as_dict()
   out["goodness"] = goodness(par, N, D, L)
-  out["leave_one_budget_out"] = leave_one_budget_out(N, D, L, C, delta=delta, full=par)
+  out["leave_one_budget_out"] = leave_one_budget_out(N, D, L, C, delta=delta, full=par,
+                                                     progress=progress)
   out["identifiability"] = identifiability(out["parametric"], N, D)
   try:
     out["isoflop"] = fit_isoflop(N, D, L, C).as_dict()
@@ -374,6 +492,19 @@ def fit_all(N, D, L, C, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0
   out["compute_optimal"] = [
       {"C": c, "N": float(n), "D": float(d), "tokens_per_param": float(t), "loss": float(l)}
       for c, n, d, t, l in zip(targets, opt["N"], opt["D"], opt["tokens_per_param"], opt["loss"])]
+  return out
+
+
+def fit_points(points: Points, delta: float = 1e-3, bootstrap: int = 100, seed: int = 0,
+               predict_at=(), progress: bool = False) -> dict:
+  """`fit_all` on a table's points, with the columns it read and, when every row
+  declares the data's entropy, the fitted E compared with it."""
+  out = fit_all(points.N, points.D, points.L, points.C, delta=delta, bootstrap=bootstrap,
+                seed=seed, predict_at=predict_at, progress=progress)
+  out["columns"] = dict(points.columns)
+  entropy = known_entropy(points.rows)
+  if entropy is not None:
+    out["entropy"] = compare_entropy(out["parametric"], entropy)
   return out
 
 

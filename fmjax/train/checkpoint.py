@@ -18,6 +18,19 @@ checkpoints it could not read.
 
 A state with a non-finite value is never written (NonFiniteCheckpoint).
 
+A save that fails (a full disk, say), in the call or later in the background,
+raises CheckpointSaveError, one line naming the step, the path and the fix,
+once its half-written temporary directory has been removed: the checkpoints
+already complete are left as they were. orbax's own error logs of such a
+failure are dropped, since the exception reports it.
+
+Asynchronous saves: at most one is in flight (a save waits for the one
+before). `poll` completes a save that has finished in the background (its
+digest, or its error) without waiting; `wait_through(step)` waits for a save
+of `step` or earlier. The loop calls the second before it records step
+s + checkpoint.every, so the checkpoint of step s is complete by then
+(fmjax.train.loop: a kill loses at most 2 * every - 1 steps).
+
 The directory may be a URL (gs://bucket/run/checkpoints; see checkpoint.root
 and `run_directory`), which every host of a pod can reach: orbax reads and
 writes it through tensorstore and etils.epath (which needs gcsfs for gs://).
@@ -27,10 +40,14 @@ read it all back, and the object store checksums what it stores.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
+import threading
 
 import grain
 import jax
@@ -40,6 +57,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from fmjax import config as config_lib
+from fmjax.errors import Failure
 from fmjax.hf import files as hf
 from fmjax.train import records
 
@@ -52,6 +70,17 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteCheckpoint(RuntimeError):
   """A state with NaN or Inf values was about to be checkpointed."""
+
+
+class CheckpointSaveError(Failure):
+  """A checkpoint could not be written; what it had half-written is removed."""
+
+
+class _QuietOrbaxErrors(logging.Filter):
+  """Drops orbax's error logs (with tracebacks): every failure they report is raised too."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
 
 
 @dataclasses.dataclass
@@ -83,12 +112,20 @@ class Checkpointer:
             save_device_host_concurrent_gb=save_gb_in_flight)} if self._bounded else None,
     )
     self._undigested = None  # the step whose save may still be running
+    self._failed = False  # a save failed: close() waits for nothing more
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbaxErrors) for f in absl_logger.filters):
+      absl_logger.addFilter(_QuietOrbaxErrors())
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+      return
+    with contextlib.suppress(Exception):  # the exception on its way out is the one to report
+      self.close()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -107,7 +144,8 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if progress is not None:
       items["progress"] = ocp.args.JsonSave(progress)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._writing(step):
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       self._undigested = step
       if not self.manager.is_saving_in_progress():
@@ -142,6 +180,8 @@ class Checkpointer:
         try:
           restored = self._restore(step, abstract_state, data_iterator)
         except Exception as e:  # orbax, tensorstore and grain raise many kinds
+          if "RESOURCE_EXHAUSTED" in str(e):  # the devices are full: not a damaged checkpoint
+            raise
           problem = f"restoring it failed: {type(e).__name__}: {_first_line(e)}"
       if problem is None:
         for b in bad:
@@ -216,21 +256,90 @@ class Checkpointer:
   def _write_pending_digest(self):
     if self._undigested is None:
       return
-    self.manager.wait_until_finished()
-    step, self._undigested = self._undigested, None
-    path = self._path(step)
-    if self.remote or jax.process_index() != 0 or not os.path.isdir(path):
-      return
-    files = {rel: [os.path.getsize(f), _sha256(f)]
-             for root, _, names in os.walk(path) for f in (os.path.join(root, n) for n in names)
-             if (rel := os.path.relpath(f, path)) != DIGEST}
-    records.write_json(os.path.join(path, DIGEST), {"files": files}, indent=0)
+    step = self._undigested
+    with self._writing(step):
+      self.manager.wait_until_finished()
+      self._undigested = None
+      path = self._path(step)
+      if self.remote or jax.process_index() != 0 or not os.path.isdir(path):
+        return
+      files = {rel: [os.path.getsize(f), _sha256(f)]
+               for root, _, names in os.walk(path)
+               for f in (os.path.join(root, n) for n in names)
+               if (rel := os.path.relpath(f, path)) != DIGEST}
+      records.write_json(os.path.join(path, DIGEST), {"files": files}, indent=0)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int):
+    """Turns a failure to save `step` into CheckpointSaveError, once what it left is removed."""
+    try:
+      yield
+    except Exception as e:
+      self._undigested, self._failed = None, True
+      self._settle()
+      self._remove_partial(step)
+      raise CheckpointSaveError(self._failure(step, e)) from e
+
+  def _settle(self):
+    """Waits for the other writers of a failed save: orbax reports the first failure while
+    they still write, and what they write must be removed too. They are the threads of
+    orbax's commit futures (orbax's own Thread class); a minute each at most."""
+    for t in threading.enumerate():
+      if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
+        t.join(timeout=60)
+
+  def _remove_partial(self, step: int):
+    """Removes the temporary directory of a failed save of `step` (and a half-written digest)."""
+    directory = epath.Path(self.directory)
+    for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      if tmp.is_dir():
+        tmp.rmtree(missing_ok=True)
+      else:
+        tmp.unlink(missing_ok=True)
+    digest_tmp = directory / str(step) / (DIGEST + ".tmp")
+    if digest_tmp.exists():
+      digest_tmp.unlink(missing_ok=True)
+
+  def _failure(self, step: int, e: Exception) -> str:
+    """The one-line message of a failed save: what failed, what is left, and the fix."""
+    if isinstance(e, OSError) and e.strerror:
+      why = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+      why = f"{type(e).__name__}: {_first_line(e)}"
+    complete = sorted(int(p.name) for p in epath.Path(self.directory).iterdir()
+                      if p.name.isdigit()) if epath.Path(self.directory).is_dir() else []
+    last = (f"the last complete checkpoint is {complete[-1]}" if complete else
+            "there is no complete checkpoint")
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+      fix = (f"free space under {self.directory} (or set checkpoint.root elsewhere), then run "
+             "the same command to resume")
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+      fix = f"make {self.directory} writable, then run the same command to resume"
+    else:
+      fix = "once the cause is fixed, run the same command to resume"
+    return (f"saving checkpoint {step} in {self.directory} failed ({why}); its half-written "
+            f"files were removed and {last}; {fix}")
+
+  def poll(self):
+    """Completes a save that has finished in the background: its digest, or its error."""
+    if self._undigested is not None and not self.manager.is_saving_in_progress():
+      self._write_pending_digest()
+
+  def wait_through(self, step: int):
+    """Waits for the save in flight if it is of `step` or an earlier step."""
+    if self._undigested is not None and self._undigested <= step:
+      self._write_pending_digest()
 
   def wait(self):
     self._write_pending_digest()
     self.manager.wait_until_finished()
 
   def close(self):
+    if self._failed:  # the failure was raised already; orbax would raise it again
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      return
     self.wait()
     self.manager.close()
 

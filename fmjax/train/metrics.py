@@ -1,40 +1,111 @@
-"""Run records: metrics.jsonl, TensorBoard events and the loss-curve plot."""
+"""Run records: metrics.jsonl, TensorBoard events, Weights & Biases, and the plots.
+
+metrics.jsonl is the record: one JSON object per logged step, keys as the
+loop names them (loss, eval_loss, ...). TensorBoard (<workdir>/tensorboard) and,
+with train.wandb_project set, Weights & Biases get the same numbers, grouped
+by tag: eval_* keys as eval/*, every other one as train/* (train/loss,
+eval/loss). Both are opened at the first record, so a run that fails before
+its first step leaves no event file. wandb is imported only when a project is
+set; its run id is kept in <workdir>/wandb_run_id, so a resumed run logs into
+the same W&B run (W&B drops the steps it already has).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import math
 import os
+import uuid
 
 import numpy as np
 
+from fmjax.errors import ConfigError, Failure
+
+WANDB_EXTRA = "pip install 'fmjax[wandb]'"
+
+
+class WandbError(Failure):
+  """Weights & Biases could not start a run (not logged in, no network, ...)."""
+
+
+def tag(key: str) -> str:
+  """The TensorBoard and W&B name of a record key: eval_loss -> eval/loss, loss -> train/loss."""
+  return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
+def import_wandb(project: str):
+  """The wandb module; ConfigError naming the extra to install if it is missing."""
+  try:
+    return importlib.import_module("wandb")
+  except ImportError:
+    raise ConfigError(f"train.wandb_project={project!r} needs the wandb package, which is not "
+                      f"installed: {WANDB_EXTRA} (or set train.wandb_project='')") from None
+
 
 class MetricsWriter:
-  """Appends one JSON record per logged step and mirrors scalars to TensorBoard."""
+  """Appends one JSON record per logged step and mirrors its numbers to TensorBoard and,
+  if `wandb_project` is set, to Weights & Biases (run config `config`)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, wandb_project: str = "",
+               config: dict | None = None):
     self.enabled = enabled
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # small, and needs no TensorFlow
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+    self.wandb_project, self.config = wandb_project, config
+    self._tb = self._wandb = None
+
+  def _open(self):
+    from tensorboardX import SummaryWriter  # small, and needs no TensorFlow
+    self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), flush_secs=10)
+    if self.wandb_project:
+      self._wandb = self._start_wandb()
+
+  def _start_wandb(self):
+    wandb = import_wandb(self.wandb_project)
+    id_path = os.path.join(self.workdir, "wandb_run_id")
+    if os.path.exists(id_path):
+      with open(id_path) as f:
+        run_id = f.read().strip()
+    else:
+      run_id = uuid.uuid4().hex[:12]
+      with open(id_path, "w") as f:
+        f.write(run_id + "\n")
+    try:
+      return wandb.init(project=self.wandb_project, id=run_id, resume="allow",
+                        name=os.path.basename(os.path.abspath(self.workdir)),
+                        dir=self.workdir, config=self.config)
+    except Exception as e:  # wandb raises its own kinds for login, network and quota
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      raise WandbError(f"train.wandb_project={self.wandb_project!r}: wandb.init failed "
+                       f"({type(e).__name__}: {first}); run `wandb login`, or set "
+                       "WANDB_MODE=offline, or train.wandb_project=''") from e
 
   def write(self, step: int, record: dict):
     if not self.enabled:
       return
+    if self._tb is None:
+      self._open()
     record = {"step": int(step), **{k: v.item() if isinstance(v, (np.generic, np.ndarray)) else v
                                     for k, v in record.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-        self._tb.add_scalar(key, value, step)
+    scalars = {tag(k): v for k, v in record.items()
+               if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    if self._wandb is not None and scalars:
+      self._wandb.log(scalars, step=int(step))
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
+    if self._wandb is not None:
+      with contextlib.suppress(Exception):  # metrics.jsonl holds the record regardless
+        self._wandb.finish()
+      self._wandb = None
 
 
 def read(path: str) -> list[dict]:

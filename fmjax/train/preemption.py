@@ -1,10 +1,19 @@
-"""Stopping a run early and cleanly: on SIGTERM, or when train.max_runtime runs out.
+"""Stopping a run early and cleanly: on SIGTERM or Ctrl-C, or when train.max_runtime runs out.
 
 A spot or preemptible TPU VM gets SIGTERM shortly before it goes away; a
-batch scheduler sends it before a job's time limit. `Stop` turns SIGTERM, or
-the run's wall-clock budget running out, into a request that the training
-loop reads once per step: the loop finishes the step, saves a checkpoint and
-exits 0, and the same command resumes exactly from there.
+batch scheduler sends it before a job's time limit; a person at the terminal
+presses Ctrl-C (SIGINT). `Stop` turns either signal, or the run's wall-clock
+budget running out, into a request that the training loop reads once per
+step: the loop finishes the step, saves a checkpoint and returns, and the
+command exits 0 (fmjax.errors.OK), as for a finished run; the same command
+resumes exactly from there. Exit 0 rather than 130 because nothing was lost:
+the stop is a clean end of this part of the run, as it is for SIGTERM.
+
+A second Ctrl-C aborts at once: the first one puts SIGINT back to the
+system's default action, so the second ends the process where it stands,
+even inside a compile or a long step (exit status 130 in a shell,
+fmjax.errors.INTERRUPTED; no checkpoint is written, and the next run resumes
+from the last complete one and removes any half-written save).
 
 With several processes, every one must stop after the same step (saving a
 checkpoint is collective), even if only one of them got the signal or its
@@ -17,6 +26,7 @@ to agree on and the request is read at once.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -26,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-REASONS = ("", "SIGTERM", "max_runtime")  # indexed by the code the processes agree on
+REASONS = ("", "SIGTERM", "max_runtime", "SIGINT")  # indexed by the code the processes agree on
+STOPPING = ("\nCtrl-C: stopping after this step with a checkpoint; press Ctrl-C again to "
+            "abort at once, without one\n")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms]?)")
 _SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1, "": 1}
 
@@ -50,24 +62,33 @@ class Stop:
   """Whether the run should stop after the step just dispatched, agreed by all processes."""
 
   def __init__(self, max_runtime_s: float = 0.0, started: float | None = None):
-    self._signalled = False
+    self._signalled = 0  # an index into REASONS
     started = time.time() if started is None else started
     self._deadline = started + max_runtime_s if max_runtime_s > 0 else None
     self._pending = None
     self._agree = _all_reduce_max() if jax.process_count() > 1 else None
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-    except ValueError:  # not the main thread: signals stay as they were
-      self._previous = None
+    self._previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[signum] = signal.signal(signum, self._on_signal)
+      except ValueError:  # not the main thread: signals stay as they were
+        break
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self._signalled = True
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      # The next Ctrl-C takes the default action: the process ends at once.
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      # os.write, not print: the handler may run inside another write to stderr.
+      os.write(2, STOPPING.encode())
+      self._signalled = max(self._signalled, REASONS.index("SIGINT"))
+    else:
+      self._signalled = max(self._signalled, REASONS.index("SIGTERM"))
 
   def local(self) -> int:
     """This process's own request: an index into REASONS."""
     if self._signalled:
-      return 1
+      return self._signalled
     return 2 if self._deadline is not None and time.time() >= self._deadline else 0
 
   def poll(self) -> str:
@@ -79,9 +100,9 @@ class Stop:
     return REASONS[agreed]
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def __enter__(self):
     return self
