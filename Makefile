@@ -13,9 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# The tests also need torch (CPU) and transformers, as references for fmjax.convert.
+# The tests also need torch (CPU) and transformers, as references for fmjax.convert, and
+# lm-eval, to check fmjax's model type in it against fmjax.eval.
 $(VENV)/.installed-hf: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[test,hf]'
+	$(PY) -m pip install -q -e '.[test,hf,eval]'
 	touch $@
 
 run: setup

@@ -35,6 +35,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MAX_RUNTIME = flags.DEFINE_string(
     "max_runtime", None, "Wall-clock budget (90m, 2h, 1h30m, 3600): when it runs out the run "
     "saves a checkpoint and exits 0, as on SIGTERM. Sets train.max_runtime.")
+_PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps", None, "Steps to trace with jax.profiler, e.g. 10:13 (steps 10, 11, 12), "
+    "into WORKDIR/profile for TensorBoard or Perfetto. Sets train.profile_steps.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume a workdir whose saved config differs in fields "
     "that change the run's results.")
@@ -53,6 +56,8 @@ def parse_flags(argv):
   cfg = cli.load_config()
   if _MAX_RUNTIME.value is not None:
     cfg.train.max_runtime = _MAX_RUNTIME.value
+  if _PROFILE_STEPS.value is not None:
+    cfg.train.profile_steps = _PROFILE_STEPS.value
   return cfg, _WORKDIR.value
 
 

@@ -40,7 +40,7 @@ def assert_one_line(stderr: str, status: int, returncode: int, needle: str = "")
 # -- --help on every command ------------------------------------------------------------
 
 HELP = {
-    "fmjax.main": ["--workdir", "--max_runtime", "allow_config_change", "print_config", "dry_run",
+    "fmjax.main": ["--workdir", "--max_runtime", "--profile_steps", "allow_config_change", "print_config", "dry_run",
                    "--coordinator_address", "--num_processes", "--config.FIELD"],
     "fmjax.bench": ["--steps", "--warmup", "--json", "--config"],
     "fmjax.sample": ["--workdir", "--temperature", "--top_p", "--top_k", "--max_new_tokens",
@@ -48,6 +48,7 @@ HELP = {
     "fmjax.sweep": ["--config", "--workdir", "--print_commands", "--collect"],
     "fmjax.convert": ["to-hf", "from-hf"],
     "fmjax.task_eval": ["--workdir", "--examples"],
+    "fmjax.eval": ["--workdir", "--suite", "--step", "--out"],
     "fmjax.export": ["--workdir", "--out"],
     "fmjax.launch_local": ["--processes", "--devices-per-process", "--module"],
     "fmjax.scaling": ["fit"],
@@ -346,3 +347,10 @@ def test_print_config_of_a_bad_config_is_a_config_error(tmp_path):
   assert_one_line(r.stderr, errors.USAGE, r.returncode, "config error: model.n_heads=5")
   assert r.stdout == ""
   assert os.listdir(tmp_path) == []
+
+
+def test_the_profile_and_runtime_flags_set_their_config_fields():
+  from fmjax import main
+  cfg, workdir = main.parse_flags(["fmjax.main", "--config=experiments/pretrain_tiny.py",
+                                   "--workdir=/tmp/x", "--profile_steps=2:4", "--max_runtime=5m"])
+  assert (cfg.train.profile_steps, cfg.train.max_runtime, workdir) == ("2:4", "5m", "/tmp/x")

@@ -21,8 +21,9 @@ ALLOWED = {
     "runtime": {"errors", "config"},
     "hf": {"errors", "config", "nn", "data"},
     "posttrain": {"errors", "config", "nn", "data", "hf", "runtime"},
-    "train": {"errors", "config", "nn", "data", "hf", "posttrain", "runtime"},
-    "scaling": {"errors", "config", "nn", "train"},
+    "evaluation": {"errors", "config", "nn", "data", "hf", "posttrain", "runtime"},
+    "train": {"errors", "config", "nn", "data", "hf", "posttrain", "runtime", "evaluation"},
+    "scaling": {"errors", "config", "nn", "train", "evaluation"},
 }
 
 

@@ -15,8 +15,15 @@ files, reads in any order, and is the same on every host and in every worker.
   batch of distinct chapters gives each anchor its positive and B-1 in-batch
   negatives.
 
+Levels: level 0 (the default) is what training draws. Levels 1 and 2
+(OOD_LEVELS) are harder, held out from training to measure generalisation
+out of distribution: longer numbers, more steps, longer strings, longer
+lists. Their prompts never occur at level 0 (the operands, lengths or counts
+differ), and `Instructions(split, level=L)` draws them with a seed of their own,
+so level 0 is exactly what it was before levels existed.
+
 `verify(task, prompt, response)` checks a response by recomputing the answer
-from the prompt, independently of the generator.
+from the prompt, independently of the generator, at every level.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import numpy as np
 
 TASKS = ("arithmetic", "reversal", "sorting")
 SPLITS = {"train": 0, "validation": 1}
+LEVELS = (0, 1, 2)
+OOD_LEVELS = (1, 2)  # held out from training: harder than anything level 0 draws
 VALIDATION_BUCKETS = 10  # one prompt in ten belongs to validation
 
 
@@ -35,8 +44,10 @@ def _split_of(prompt: str) -> str:
   return "validation" if zlib.crc32(prompt.encode()) % VALIDATION_BUCKETS == 0 else "train"
 
 
-def _draw(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
+def _draw(task: str, rng: np.random.Generator, level: int = 0) -> tuple[str, str, str]:
   """(prompt, correct response, a wrong response) of one random example of `task`."""
+  if level:
+    return _draw_ood(task, rng, level)
   if task == "arithmetic":
     a, b = (int(x) for x in rng.integers(0, 100, 2))
     op = "+-*"[int(rng.integers(3))]
@@ -62,12 +73,58 @@ def _draw(task: str, rng: np.random.Generator) -> tuple[str, str, str]:
   raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
 
 
+def _draw_ood(task: str, rng: np.random.Generator, level: int) -> tuple[str, str, str]:
+  """An example of a held-out level: 1 longer, 2 longer still or with more steps."""
+  if level not in OOD_LEVELS:
+    raise ValueError(f"no level {level}; levels are {', '.join(map(str, LEVELS))}")
+  if task == "arithmetic":
+    if level == 1:  # three-digit operands
+      operands = [int(x) for x in rng.integers(100, 1000, 2)]
+    else:  # three operands: two steps, with precedence
+      operands = [int(x) for x in rng.integers(0, 100, 3)]
+    ops = ["+-*"[int(i)] for i in rng.integers(3, size=len(operands) - 1)]
+    text = " ".join(f"{o} {x}" for o, x in zip(ops, operands[1:]))
+    prompt = f"What is {operands[0]} {text}?"
+    answer = _evaluate(prompt[len("What is "):-1])
+    delta = int(rng.choice([-10, -2, -1, 1, 2, 10]))
+    return prompt, str(answer), str(answer + delta)
+  if task == "reversal":
+    n = int(rng.integers(*{1: (9, 14), 2: (14, 20)}[level]))
+    word = "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), n, replace=False))
+    right = word[::-1]
+    i = int(rng.integers(n - 1))
+    return f"Reverse the string: {word}", right, right[:i] + right[i + 1] + right[i] + right[i + 2:]
+  if task == "sorting":
+    n = int(rng.integers(*{1: (8, 12), 2: (12, 16)}[level]))
+    numbers = [int(x) for x in rng.choice({1: 100, 2: 1000}[level], n, replace=False)]
+    right = sorted(numbers)
+    i = int(rng.integers(n - 1))
+    wrong = right[:i] + [right[i + 1], right[i]] + right[i + 2:]
+    fmt = lambda xs: ", ".join(map(str, xs))  # noqa: E731
+    return f"Sort in ascending order: {fmt(numbers)}", fmt(right), fmt(wrong)
+  raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+
+
+def _evaluate(expression: str) -> int:
+  """'12 + 7 * 3' -> 33: non-negative integers, + - *, with * before + and -."""
+  parts = expression.split(" ")
+  terms, signs, term = [], [1], int(parts[0])
+  for op, x in zip(parts[1::2], parts[2::2]):
+    if op == "*":
+      term *= int(x)
+    else:
+      terms.append(term)
+      signs.append(1 if op == "+" else -1)
+      term = int(x)
+  terms.append(term)
+  return sum(s * t for s, t in zip(signs, terms))
+
+
 def verify(task: str, prompt: str, response: str) -> bool:
   """Whether `response` answers `prompt` correctly, computed from the prompt alone."""
   if task == "arithmetic":
-    a, op, b = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", prompt).groups()
-    a, b = int(a), int(b)
-    return response == str({"+": a + b, "-": a - b, "*": a * b}[op])
+    expression = re.fullmatch(r"What is (\d+(?: [-+*] \d+)+)\?", prompt).group(1)
+    return response == str(_evaluate(expression))
   if task == "reversal":
     return response == prompt.removeprefix("Reverse the string: ")[::-1]
   if task == "sorting":
@@ -77,12 +134,17 @@ def verify(task: str, prompt: str, response: str) -> bool:
 
 
 class Instructions:
-  """Random-access SFT examples of one split: {"task", "prompt", "response"} (str)."""
+  """Random-access SFT examples of one split: {"task", "prompt", "response"} (str).
 
-  def __init__(self, split: str, seed: int = 0, size: int | None = None):
+  `level` > 0 draws a held-out harder level (OOD_LEVELS), for evaluation only.
+  """
+
+  def __init__(self, split: str, seed: int = 0, size: int | None = None, level: int = 0):
     if split not in SPLITS:
       raise ValueError(f"no split {split!r}; splits are {', '.join(SPLITS)}")
-    self.split, self.seed = split, seed
+    if level not in LEVELS:
+      raise ValueError(f"no level {level}; levels are {', '.join(map(str, LEVELS))}")
+    self.split, self.seed, self.level = split, seed, level
     self.size = size or (100_000 if split == "train" else 1_000)
 
   def __len__(self):
@@ -93,8 +155,8 @@ class Instructions:
       raise IndexError(f"{self.split} has {self.size} examples, asked for {i}")
     task = TASKS[i % len(TASKS)]
     for attempt in range(1000):
-      rng = np.random.default_rng((self.seed, SPLITS[self.split], i, attempt))
-      prompt, right, wrong = _draw(task, rng)
+      key = (self.seed, SPLITS[self.split], i, attempt) + ((self.level,) if self.level else ())
+      prompt, right, wrong = _draw(task, np.random.default_rng(key), self.level)
       if _split_of(prompt) == self.split:
         return {"task": task, "prompt": prompt, "response": right, "rejected": wrong}
     raise RuntimeError("no example landed in the split")  # p ~ 0.9^1000
