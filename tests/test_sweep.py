@@ -10,6 +10,7 @@ import pytest
 from fmjax.validate import validate
 from fmjax import config as config_lib
 from fmjax.nn import cost
+from fmjax import sweep as sweep_command
 from fmjax.scaling import sizing, sweep
 from fmjax.train.records import write_json
 
@@ -110,7 +111,7 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
         return sweep_lib.grid(model__depth=[1, 2])
       """))
   workdir = str(tmp_path / "sweep")
-  assert sweep.main([f"--config={experiment}", f"--workdir={workdir}", "--print_commands"]) == 0
+  assert sweep_command.main([f"--config={experiment}", f"--workdir={workdir}", "--print_commands"]) == 0
   commands = capsys.readouterr().out.strip().splitlines()
   assert len(commands) == 2 and "--config.model.depth=2" in commands[1]
 
@@ -132,7 +133,7 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
   capsys.readouterr()
   assert sweep.run(str(experiment), workdir, progress=False) == 0
   assert "2 already finished, 0 to run" in capsys.readouterr().out
-  assert sweep.main([f"--config={experiment}", f"--workdir={workdir}", "--print_commands"]) == 0
+  assert sweep_command.main([f"--config={experiment}", f"--workdir={workdir}", "--print_commands"]) == 0
   assert capsys.readouterr().out == ""
 
   # A member trained before the schema gained a field (absent from its saved
@@ -155,5 +156,5 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
 
 
 def test_a_file_without_sweep_gets_a_clear_error(capsys):
-  assert sweep.main(["--config=experiments/pretrain_tiny.py", "--workdir=/tmp/unused"]) == 2
+  assert sweep_command.main(["--config=experiments/pretrain_tiny.py", "--workdir=/tmp/unused"]) == 2
   assert "declares no sweep()" in capsys.readouterr().err

@@ -14,10 +14,7 @@
 Used by `python -m fmjax.eval` on a checkpoint, and by a training loop on its
 live parameters:
 
-  entries = load_suite("quick", data_dir=cfg.data.data_dir)   # once, up front
-  records = run_suite(lora.merge(params, cfg.lora), spec, tokenizer, entries, mesh,
-                      seq_len=cfg.data.seq_len, step=step)
+  entries = suite.load_suite("quick", data_dir=cfg.data.data_dir)   # once, up front
+  records = run.run_suite(lora.merge(params, cfg.lora), spec, tokenizer, entries, mesh,
+                          seq_len=cfg.data.seq_len, step=step)
 """
-
-from fmjax.evaluation.run import format_table, run_suite, write_outputs  # noqa: F401
-from fmjax.evaluation.suite import load_suite, parse_suite  # noqa: F401

@@ -20,15 +20,12 @@ member: the table that `python -m fmjax.scaling fit` reads.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
 import importlib.util
 import itertools
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -230,40 +227,4 @@ def run(path: str, workdir: str, members: list[Member] | None = None, progress=T
   print(f"sweep: {len(rows)}/{len(members)} members finished; records in "
         f"{os.path.join(workdir, RECORDS)}", flush=True)
   return failed
-
-
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fmjax.sweep", description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="experiment file with a sweep()")
-  parser.add_argument("--workdir", required=True, help="one subdirectory per member, plus records.jsonl")
-  parser.add_argument("--print_commands", action="store_true",
-                      help="print one launch command per unfinished member instead of running")
-  parser.add_argument("--collect", action="store_true",
-                      help="only rebuild records.jsonl from finished members")
-  args, rest = parser.parse_known_args(argv)
-  common = {}
-  for arg in rest:
-    key, eq, value = arg.partition("=")
-    if not (key.startswith("--config.") and eq):
-      parser.error(f"unrecognized argument {arg}; only --config.FIELD=VALUE, for every member")
-    try:
-      common[key[len("--config."):]] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      common[key[len("--config."):]] = value
-  try:
-    members = expand(args.config, common)
-  except config_lib.ConfigError as e:
-    print(f"fmjax.sweep: {e}", file=sys.stderr)
-    return 2
-  if args.print_commands:
-    for m in members:
-      if not is_finished(m, args.workdir):
-        print(shlex.join(command(args.config, m, args.workdir)))
-    return 0
-  if args.collect:
-    rows = collect(members, args.workdir)
-    print(f"{len(rows)}/{len(members)} members finished; records in "
-          f"{os.path.join(args.workdir, RECORDS)}")
-    return 0
-  return 1 if run(args.config, args.workdir, members) else 0
 
