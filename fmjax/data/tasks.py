@@ -64,13 +64,17 @@ def _draw(task: str, rng: np.random.Generator, level: int = 0) -> tuple[str, str
     return f"Reverse the string: {word}", right, wrong
   if task == "sorting":
     n = int(rng.integers(3, 8))
-    numbers = [int(x) for x in rng.choice(100, n, replace=False)]
-    right = sorted(numbers)
-    i = int(rng.integers(n - 1))
-    wrong = right[:i] + [right[i + 1], right[i]] + right[i + 2:]
-    fmt = lambda xs: ", ".join(map(str, xs))  # noqa: E731
-    return f"Sort in ascending order: {fmt(numbers)}", fmt(right), fmt(wrong)
+    return _sorting([int(x) for x in rng.choice(100, n, replace=False)], rng)
   raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+
+
+def _sorting(numbers: list[int], rng: np.random.Generator) -> tuple[str, str, str]:
+  """A sorting example of `numbers`; the wrong answer swaps two neighbours of the right one."""
+  right = sorted(numbers)
+  i = int(rng.integers(len(numbers) - 1))
+  wrong = right[:i] + [right[i + 1], right[i]] + right[i + 2:]
+  fmt = lambda xs: ", ".join(map(str, xs))  # noqa: E731
+  return f"Sort in ascending order: {fmt(numbers)}", fmt(right), fmt(wrong)
 
 
 def _draw_ood(task: str, rng: np.random.Generator, level: int) -> tuple[str, str, str]:
@@ -96,12 +100,7 @@ def _draw_ood(task: str, rng: np.random.Generator, level: int) -> tuple[str, str
     return f"Reverse the string: {word}", right, right[:i] + right[i + 1] + right[i] + right[i + 2:]
   if task == "sorting":
     n = int(rng.integers(*{1: (8, 12), 2: (12, 16)}[level]))
-    numbers = [int(x) for x in rng.choice({1: 100, 2: 1000}[level], n, replace=False)]
-    right = sorted(numbers)
-    i = int(rng.integers(n - 1))
-    wrong = right[:i] + [right[i + 1], right[i]] + right[i + 2:]
-    fmt = lambda xs: ", ".join(map(str, xs))  # noqa: E731
-    return f"Sort in ascending order: {fmt(numbers)}", fmt(right), fmt(wrong)
+    return _sorting([int(x) for x in rng.choice({1: 100, 2: 1000}[level], n, replace=False)], rng)
   raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
 
 
