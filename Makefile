@@ -22,5 +22,6 @@ $(VENV)/.installed-hf: $(VENV)/.installed
 run: setup
 	$(PY) -m fmjax.main --config=experiments/pretrain_tiny.py --workdir=runs/pretrain_tiny
 
+# Two worker processes, each taking whole test files (their module fixtures compile once).
 test: $(VENV)/.installed-hf
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile

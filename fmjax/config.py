@@ -22,7 +22,8 @@ CHOICES = {
     "model.attention_impl": ("auto", "xla", "cudnn", "pallas", "splash"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.rope_scaling.kind": ("none", "linear", "ntk", "yarn"),
+    "model.parametrization": ("sp", "mup"),
+    "model.rope_scaling.kind": ("none", "linear", "ntk", "yarn", "llama3"),
     "model.moe.score": ("softmax", "sigmoid"),
     "model.moe.balance": ("aux", "aux_free", "none"),
     "model.moe.aux_loss_scope": ("batch", "sequence"),
@@ -30,7 +31,9 @@ CHOICES = {
     "model.moe.grouped_matmul": ("auto", "ragged_dot", "blocked", "gmm"),
     "data.bad_utf8": ("error", "skip"),
     "data.tokenizer": ("bpe", "unigram"),
-    "objective.name": ("next_token", "sft", "dpo", "contrastive"),
+    "objective.name": ("next_token", "sft", "dpo", "contrastive", "reward_model", "grpo"),
+    "objective.rl.advantage": ("grpo", "dr_grpo", "rloo", "gae"),
+    "objective.rl.aggregation": ("token", "sequence"),
     "objective.dpo.loss": ("sigmoid", "ipo", "hinge"),
     "objective.contrastive.pooling": ("mean", "last"),
     "optimizer.name": ("adamw", "lion"),
@@ -40,18 +43,27 @@ CHOICES = {
 POSITIVE = (
     "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.d_ff",
     "model.n_kv_heads", "model.kv_lora_rank", "model.qk_rope_head_dim", "model.v_head_dim",
-    "model.rope_theta", "model.moe.moe_intermediate_size", "model.moe.moe_layer_freq",
+    "model.rope_theta", "model.mup_base_width", "model.moe.moe_intermediate_size",
+    "model.moe.moe_layer_freq",
     "model.moe.n_group", "model.moe.routed_scaling_factor", "model.moe.capacity_factor",
     "data.max_doc_bytes", "objective.dpo.beta", "objective.contrastive.temperature",
+    "objective.rl.group_size", "objective.rl.max_new_tokens", "objective.rl.updates",
+    "objective.rl.top_p",
     "optimizer.lr", "train.steps", "train.batch_size", "train.microbatches", "train.log_every",
     "train.nonfinite_max_consecutive", "checkpoint.keep", "lora.alpha")
 NON_NEGATIVE = (
     "model.head_dim", "model.q_lora_rank", "model.qk_nope_head_dim", "model.mtp_depth",
-    "model.mtp_weight", "model.rope_scaling.mscale", "model.moe.n_routed_experts",
+    "model.mtp_weight", "model.rope_scaling.mscale", "model.sliding_window",
+    "model.moe.n_routed_experts",
     "model.moe.n_shared_experts", "model.moe.aux_loss_coef", "model.moe.router_z_loss_coef",
     "data.num_workers", "data.shards", "data.task_size", "objective.z_loss",
     "objective.ce_chunk", "objective.contrastive.projection_dim", "optimizer.warmup_steps",
+    "objective.rl.temperature", "objective.rl.clip_low", "objective.rl.clip_high",
+    "objective.rl.kl_beta", "objective.rl.verifier_weight",
+    "objective.rl.reward_model_weight", "objective.rl.value_coef",
+    "objective.rl.eval_prompts",
     "optimizer.decay_steps", "optimizer.clip_norm", "train.eval_every", "train.spike_zscore",
+    "train.eval_suite_every",
     "checkpoint.every", "lora.rank")
 
 
@@ -86,10 +98,25 @@ def base() -> ml_collections.ConfigDict:
       # Context extension: 'linear' divides positions by factor, 'ntk' raises
       # theta, 'yarn' interpolates low frequencies only and sharpens the
       # softmax by (0.1 * mscale * ln(factor) + 1)^2.
+      # 'llama3' (Llama 3.1+) divides the frequencies that turn fewer than
+      # low_freq_factor times over the original context by factor, keeps those
+      # turning more than high_freq_factor times, and blends between.
       rope_scaling=dict(kind="none", factor=1.0, original_seq_len=0, beta_fast=32.0,
-                        beta_slow=1.0, mscale=1.0),
+                        beta_slow=1.0, mscale=1.0, low_freq_factor=1.0, high_freq_factor=4.0),
+      # gqa only: biases on the query, key and value projections (Qwen2.5); an
+      # RMSNorm over each query and key head before the rotary embedding (Qwen3);
+      # sliding_window > 0: a query sees only the last sliding_window positions,
+      # its own included (Mistral).
+      attention_bias=False,
+      qk_norm=False,
+      sliding_window=0,
       norm_eps=1e-5,
       init_std=0.02,
+      # sp: the declarations' init, one learning rate; mup: the maximal-update
+      # parametrization, init and learning rate per parameter role, scaled by
+      # d_model / mup_base_width (fmjax/nn/params.py), so the best lr transfers across widths.
+      parametrization="sp",
+      mup_base_width=256,
       dtype="float32",  # compute dtype; parameters are always float32
       remat="none",  # none | full | dots
       scan_layers=True,
@@ -166,6 +193,36 @@ def base() -> ml_collections.ConfigDict:
           temperature=0.07,  # initial; learned, as logit_scale = ln(1/temperature)
           max_logit_scale=100.0,  # the clamp on 1/temperature (CLIP's)
       ),
+      # Task families the task objectives draw (fmjax/data/tasks.py), comma-separated;
+      # "" the original three (arithmetic, reversal, sorting).
+      tasks="",
+      # A scalar head on the final hidden state of each sequence's last token,
+      # trained with the Bradley-Terry loss (fmjax/posttrain/reward_model.py).
+      reward_model=dict(
+          data="",  # a JSONL of {prompt, chosen, rejected}; "" the task preferences
+      ),
+      # GRPO and PPO (fmjax/posttrain/rl.py): rollouts of the policy, rewards, updates.
+      # train.batch_size counts sequences: batch_size / group_size prompts a step.
+      rl=dict(
+          group_size=4,  # G samples per prompt (>= 2)
+          max_new_tokens=16,  # the rollout's length; prompt + this must fit data.seq_len
+          temperature=1.0,  # the policy is softmax(logits / temperature)
+          top_p=1.0,
+          updates=1,  # mu: optimizer updates per batch of rollouts
+          clip_low=0.2,  # ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO)
+          clip_high=0.2,
+          kl_beta=0.0,  # k3 KL to the frozen reference (checkpoint.init_from); 0 frees it
+          advantage="grpo",  # grpo | dr_grpo | rloo | gae (PPO with a value head)
+          aggregation="token",  # token | sequence: how token losses are averaged
+          verifier="fmjax.data.tasks:reward",  # module:function(example, completion) -> float
+          verifier_weight=1.0,
+          reward_model="",  # workdir of a reward_model run
+          reward_model_weight=0.0,
+          gamma=1.0,  # gae
+          lam=0.95,  # gae
+          value_coef=0.1,  # gae: weight of the value loss
+          eval_prompts=96,  # held-out prompts answered greedily at each evaluation
+      ),
   )
   c.optimizer = dict(
       name="adamw",
@@ -230,6 +287,13 @@ def base() -> ml_collections.ConfigDict:
       profile_steps="",
       # A Weights & Biases project to log to as well ("" off); metrics.jsonl stays the record.
       wandb_project="",
+      # An evaluation suite run in the training process on the live parameters
+      # (fmjax/evaluation): a shipped one (quick, default) or a .yaml/.py suite file;
+      # "" none. It runs at the end, and every eval_suite_every steps if > 0; its
+      # metrics go to metrics.jsonl as suite/TASK/METRIC, its records to
+      # <workdir>/eval/step_N/, and the last ones to summary.json (and sweep records).
+      eval_suite="",
+      eval_suite_every=0,
   )
   # init_from: a workdir (or its checkpoints/ directory) whose latest parameters
   # start this run when its own workdir has no checkpoint: parameters only, with a

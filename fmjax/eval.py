@@ -82,6 +82,7 @@ def _main(argv) -> int:
                             args.step)
   entries = suite.load_suite(entries, cfg.data.data_dir)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
+  run.check_context(entries, tok, cfg.data.seq_len)
 
   cfg, _, params, step = trained_run.load(args.workdir, "fmjax", step)
   params = lora.merge(params, cfg.lora)  # a LoRA run is evaluated with its adapters merged in

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 
 import jax
 import ml_collections
 
 from fmjax import config as config_lib
-from fmjax.data import mixture
+from fmjax.data import mixture, tasks
 from fmjax.data.tokenizer import MIN_VOCAB_SIZE  # the tokenizer is trained at model.vocab_size
-from fmjax.errors import ConfigError
+from fmjax.errors import ConfigError, UsageError
+from fmjax.evaluation import suite
 from fmjax.nn import attention, dispatch, model
 from fmjax.nn.sharding import MESH_AXES, mesh_shape, parse_axes
 from fmjax.nn.spec import head_dim
@@ -109,6 +111,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
   if m.attention == "gqa":
     _check_gqa(m)
+  elif m.attention_bias or m.qk_norm:
+    raise ConfigError(f"model.{'attention_bias' if m.attention_bias else 'qk_norm'}=True is "
+                      "for model.attention='gqa'; MLA's projections have no such option")
   elif m.qk_rope_head_dim % 2:
     raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for "
                       "rotary embeddings")
@@ -149,6 +154,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
   except ValueError as e:
     raise ConfigError(f"train.max_runtime: {e}") from None
   _check_profile_steps(t)
+  _check_eval_suite(t)
 
   shape = mesh_shape(cfg.mesh, n_devices)
   _check_rules(cfg.sharding, shape)
@@ -185,6 +191,7 @@ def _check_posttraining(cfg):
   if o.name == "contrastive" and cfg.train.microbatches != 1:
     raise ConfigError(f"train.microbatches={cfg.train.microbatches} must be 1 for "
                       "objective.name='contrastive': its negatives are the whole batch")
+  _check_rl(cfg)
   if lo.rank:
     pats = lora.patterns(lo.targets)
     if not pats:
@@ -199,11 +206,75 @@ def _check_posttraining(cfg):
                         "like layers.wq, layers.w_down, unembed")
 
 
+def _check_rl(cfg):
+  """objective.tasks, objective.reward_model and objective.rl (fmjax/posttrain/rl.py)."""
+  o, rl = cfg.objective, cfg.objective.rl
+  try:
+    tasks.parse_tasks(o.tasks)
+  except ValueError as e:
+    raise ConfigError(f"objective.tasks={o.tasks!r}: {e}") from None
+  if o.name == "reward_model" and o.reward_model.data and not os.path.isfile(
+      os.path.expanduser(o.reward_model.data)):
+    raise ConfigError(f"objective.reward_model.data={o.reward_model.data!r} is not a file; "
+                      "give a JSONL of prompt/chosen/rejected records, or '' for the tasks'")
+  if o.name != "grpo":
+    return
+  if rl.group_size < 2:
+    raise ConfigError(f"objective.rl.group_size={rl.group_size} must be >= 2: advantages are "
+                      "relative to the other samples of the same prompt")
+  if cfg.train.batch_size % rl.group_size:
+    raise ConfigError(f"objective.rl.group_size={rl.group_size} must divide train.batch_size="
+                      f"{cfg.train.batch_size} (sequences a step: prompts x group_size)")
+  if rl.max_new_tokens >= cfg.data.seq_len:
+    raise ConfigError(f"objective.rl.max_new_tokens={rl.max_new_tokens} must be below "
+                      f"data.seq_len={cfg.data.seq_len}, the cache holds prompt and response")
+  if not 0 < rl.top_p <= 1:
+    raise ConfigError(f"objective.rl.top_p={rl.top_p} must be in (0, 1]")
+  if rl.temperature <= 0:
+    raise ConfigError(f"objective.rl.temperature={rl.temperature} must be > 0: the policy "
+                      "is softmax(logits / temperature)")
+  if rl.clip_low >= 1:
+    raise ConfigError(f"objective.rl.clip_low={rl.clip_low} must be below 1")
+  if not (0 <= rl.lam <= 1 and 0 < rl.gamma <= 1):
+    raise ConfigError(f"objective.rl.gamma={rl.gamma} must be in (0, 1] and "
+                      f"objective.rl.lam={rl.lam} in [0, 1]")
+  if cfg.train.microbatches != 1:
+    raise ConfigError(f"train.microbatches={cfg.train.microbatches} must be 1 for "
+                      "objective.name='grpo'")
+  if rl.kl_beta > 0 and not cfg.checkpoint.init_from:
+    raise ConfigError(f"objective.rl.kl_beta={rl.kl_beta} needs a reference model: set "
+                      "checkpoint.init_from (or kl_beta=0)")
+  if not (rl.verifier_weight or rl.reward_model_weight):
+    raise ConfigError("objective.rl.verifier_weight and reward_model_weight are both 0: "
+                      "nothing gives a reward")
+  if rl.reward_model_weight and not rl.reward_model:
+    raise ConfigError(f"objective.rl.reward_model_weight={rl.reward_model_weight} needs "
+                      "objective.rl.reward_model: the workdir of a reward_model run")
+  if (rl.verifier_weight or rl.verifier) and not re.fullmatch(r"[\w.]+:\w+", rl.verifier):
+    raise ConfigError(f"objective.rl.verifier={rl.verifier!r} must name a function as "
+                      "module:function, e.g. fmjax.data.tasks:reward")
+  if rl.eval_prompts < 1:
+    raise ConfigError(f"objective.rl.eval_prompts={rl.eval_prompts} must be >= 1")
+
+
 def _check_profile_steps(t):
   try:
     parse_steps(t.profile_steps)
   except ValueError as e:
     raise ConfigError(f"train.profile_steps={t.profile_steps!r}: {e}") from None
+
+
+def _check_eval_suite(t):
+  """A suite that cannot be parsed (unknown kind or setting, k > n, no such file) stops the
+  run before anything is compiled; its data is read when the run starts."""
+  if t.eval_suite_every and not t.eval_suite:
+    raise ConfigError(f"train.eval_suite_every={t.eval_suite_every} needs train.eval_suite: "
+                      "a shipped suite (quick, default) or a .yaml/.py suite file")
+  if t.eval_suite:
+    try:
+      suite.parse_suite(t.eval_suite)
+    except UsageError as e:
+      raise ConfigError(f"train.eval_suite={t.eval_suite!r}: {e}") from None
 
 
 def _check_gqa(m):
@@ -223,7 +294,7 @@ def _check_gqa(m):
 def _check_kernels(m, backend: str):
   """The kernels the model names must exist on this backend (`auto` always does)."""
   qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attention == "mla" else head_dim(m)
-  why = attention.unavailable(m.attention_impl, backend, m.dtype, qk_dim)
+  why = attention.unavailable(m.attention_impl, backend, m.dtype, qk_dim, m.sliding_window)
   if why:
     raise ConfigError(f"model.attention_impl={m.attention_impl!r} {why}")
   how = m.moe.grouped_matmul
@@ -262,13 +333,15 @@ def _check_rope_scaling(r):
   if r.factor < 1:
     raise ConfigError(f"model.rope_scaling.factor={r.factor} must be >= 1 (the context "
                       "is extended by this factor)")
-  if r.kind == "yarn":
-    if r.original_seq_len <= 0:
-      raise ConfigError(f"model.rope_scaling.original_seq_len={r.original_seq_len} must be "
-                        "> 0 for yarn: set it to the sequence length the model was trained at")
-    if not r.beta_fast > r.beta_slow > 0:
-      raise ConfigError(f"model.rope_scaling.beta_fast={r.beta_fast} must exceed "
-                        f"beta_slow={r.beta_slow} > 0 (rotations per original context)")
+  if r.kind in ("yarn", "llama3") and r.original_seq_len <= 0:
+    raise ConfigError(f"model.rope_scaling.original_seq_len={r.original_seq_len} must be "
+                      f"> 0 for {r.kind}: set it to the sequence length the model was trained at")
+  if r.kind == "yarn" and not r.beta_fast > r.beta_slow > 0:
+    raise ConfigError(f"model.rope_scaling.beta_fast={r.beta_fast} must exceed "
+                      f"beta_slow={r.beta_slow} > 0 (rotations per original context)")
+  if r.kind == "llama3" and not r.high_freq_factor > r.low_freq_factor > 0:
+    raise ConfigError(f"model.rope_scaling.high_freq_factor={r.high_freq_factor} must exceed "
+                      f"low_freq_factor={r.low_freq_factor} > 0 (Llama 3.1's are 4 and 1)")
 
 
 def _check_rules(sharding, shape):

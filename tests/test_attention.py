@@ -27,13 +27,17 @@ MOE = dict(MLA, moe=dict(n_routed_experts=4, experts_per_token=2, moe_intermedia
                          dispatch="dropless"))
 
 
-def naive(q_BTNH, k_BTKH, v_BTKG, seg_BT, scale):
-  """Attention in float64 numpy: each query sees its own document's keys at or before it."""
+def naive(q_BTNH, k_BTKH, v_BTKG, seg_BT, scale, window=0):
+  """Attention in float64 numpy: each query sees its own document's keys at or before it
+  (and with `window` > 0, fewer than `window` positions before it)."""
   q, k, v, seg = (np.asarray(a, np.float64) for a in (q_BTNH, k_BTKH, v_BTKG, seg_BT))
   rep = q.shape[2] // k.shape[2]
   k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
   T = q.shape[1]
   visible = (seg[:, :, None] == seg[:, None, :]) & np.tri(T, dtype=bool)[None]
+  if window:
+    t = np.arange(T)
+    visible &= (t[:, None] - t[None, :] < window)[None]
   s = np.einsum("bqnh,bknh->bnqk", q, k) * scale
   s = np.where(visible[:, None], s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
@@ -110,6 +114,46 @@ def test_kernel_equals_naive_forward_and_backward(impl, shape, T, monkeypatch):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("impl", ["xla", "cudnn", "splash"])
+def test_a_sliding_window_kernel_equals_naive_forward_and_backward(impl, monkeypatch):
+  """model.sliding_window=W: a query sees its last W positions (its own included), within
+  its document. W=5 is shorter than every document of the rows but the padding."""
+  if impl == "cudnn":
+    use_xla_for_cudnn(monkeypatch)
+  T, W, scale = 40, 5, 0.3
+  q, k, v = qkv("gqa", T, seed=2)
+  seg = packed_rows(T)
+  spec = spec_for(impl, sliding_window=W)
+  attend = lambda q, k, v: attention.attend(q, k, v, seg, scale, spec)
+  out = jax.jit(attend)(q, k, v)
+  np.testing.assert_allclose(out, naive(q, k, v, seg, scale, W), rtol=2e-5, atol=2e-5)
+  assert np.abs(out - naive(q, k, v, seg, scale)).max() > 0.1  # the window matters here
+  cot = jax.random.normal(jax.random.key(9), out.shape)
+  got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cot), argnums=(0, 1, 2)))(
+      q, k, v)
+  xla_spec = spec_for("xla", sliding_window=W)
+  want = jax.grad(lambda q, k, v: jnp.sum(
+      attention.attend(q, k, v, seg, scale, xla_spec) * cot), argnums=(0, 1, 2))(q, k, v)
+  for g, w, name in zip(got, want, "qkv"):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_a_sliding_window_decodes_over_the_last_w_slots():
+  """attend_cached with a window: each new query sees slots (t - W, t] of the cache."""
+  q, k, v = qkv("gqa", 16, seed=5)
+  positions = jnp.array([[3, 4], [11, 12]], jnp.int32)
+  spec = spec_for("xla", sliding_window=4)
+  out = jax.jit(lambda q, k, v: attention.attend_cached(q, k, v, positions, 0.25, spec))(
+      q[:, :2], k, v)
+  for b in range(2):
+    for i in range(2):
+      t = int(positions[b, i])
+      lo = max(0, t - 3)
+      one = naive(q[b:b + 1, i:i + 1], k[b:b + 1, lo:t + 1], v[b:b + 1, lo:t + 1],
+                  np.ones((1, 1)), 0.25)  # one query against exactly its window
+      np.testing.assert_allclose(out[b, i], one[0, 0], rtol=2e-5, atol=2e-5)
+
+
 def test_cudnn_decoding_call_equals_the_masked_reference(monkeypatch):
   """One new token per row against a cache: cuDNN's padding mask over slots <= position."""
   use_xla_for_cudnn(monkeypatch)
@@ -132,10 +176,13 @@ def test_auto_picks_per_backend_and_falls_back_where_cudnn_cannot_run():
   assert attention.resolve("auto", "gpu", "bfloat16", 576) == "pallas"  # past cuDNN's 256
   assert attention.resolve("auto", "tpu", "bfloat16", 128) == "splash"
   assert attention.resolve("pallas", "gpu", "bfloat16", 128) == "pallas"
+  assert attention.resolve("auto", "gpu", "float32", 128, window=8) == "xla"  # no pallas window
 
 
 @pytest.mark.parametrize("impl, fields, words", [
     ("cudnn", {}, ["model.attention_impl='cudnn'", "cpu backend", "runs on: gpu", "auto or xla"]),
+    ("pallas", dict(sliding_window=8), ["model.attention_impl='pallas'", "has no sliding window",
+                                        "model.sliding_window=8", "use cudnn or xla"]),
 ])
 def test_a_kernel_the_backend_lacks_is_a_one_line_config_error(impl, fields, words):
   cfg = tiny_config(attention_impl=impl, **fields)
@@ -250,6 +297,20 @@ def test_on_gpu_kernel_equals_reference_in_bf16(impl, shape):
   for g, w, name in zip(got, ref, "qkv"):
     err = np.abs(f32(g) - f32(w)).max() / np.abs(f32(w)).max()
     assert err < 3e-2, f"d{name}: relative error {err:.3g}"
+
+
+@on_gpu
+def test_on_gpu_cudnn_with_a_sliding_window_equals_reference_in_bf16():
+  T, W, scale = 256, 24, 0.2
+  q, k, v = qkv("gqa", T, seed=4)
+  seg = packed_rows(T)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  f32 = lambda x: np.asarray(x, np.float32)
+  out = jax.jit(lambda q, k, v: attention.attend(
+      q, k, v, seg, scale, spec_for("cudnn", dtype="bfloat16", sliding_window=W)))(
+          bf(q), bf(k), bf(v))
+  want = naive(f32(bf(q)), f32(bf(k)), f32(bf(v)), seg, scale, W)
+  np.testing.assert_allclose(f32(out), want, rtol=0, atol=3e-2)
 
 
 @on_gpu

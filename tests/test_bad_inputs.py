@@ -320,10 +320,14 @@ def _reshape(name):
 
 HF_CASES = {
     "garbage_config": (_garbage_config, "config.json is unreadable (JSONDecodeError"),
-    "another_architecture": (_edit_config(model_type="mistral"), "model_type='mistral' is not "
-                             "supported; fmjax converts llama and deepseek_v3 models"),
-    "rope_llama3": (_edit_config(rope_scaling=dict(rope_type="llama3", factor=8.0)),
-                    "rope scaling type 'llama3' is not supported; fmjax has linear and yarn"),
+    "another_architecture": (_edit_config(model_type="phi3"), "model_type='phi3' is not "
+                             "supported; fmjax converts llama, qwen2, qwen3, mistral, qwen3_moe, "
+                             "mixtral, deepseek_v3 models"),
+    "rope_longrope": (_edit_config(rope_scaling=dict(rope_type="longrope", factor=8.0)),
+                      "rope scaling type 'longrope' is not supported; fmjax has linear, yarn, "
+                      "llama3"),
+    "unknown_field": (_edit_config(some_switch=1), "some_switch=1 is not a llama setting fmjax "
+                      "understands; nothing is dropped silently"),
     "biases": (_edit_config(attention_bias=True), "attention_bias=True is not supported"),
     "moe_softmax": (_edit_config(model_type="deepseek_v3", n_routed_experts=8,
                                  first_k_dense_replace=1, scoring_func="softmax"),

@@ -273,8 +273,10 @@ def test_init_from_an_hf_directory(tmp_path, data_dir):
      "model.rope_scaling.kind='ntk' has no equivalent in the llama format"),
     (dict(MLA, norm_eps=1e-5), "model.norm_eps=1e-05: the deepseek_v3 format holds only 1e-06"),
     (dict(n_experts=8), "model.n_experts=8 has no place in the llama format"),
-    (dict(moe=dict(MOE)), "model.moe.n_routed_experts=4: the llama format has no mixture of "
-     "experts"),
+    (dict(moe=dict(MOE)), "model.moe.score='sigmoid': the mixtral format (MixtralForCausalLM) "
+     "routes with score='softmax' only"),
+    (dict(qk_norm=True, sliding_window=8), "model.qk_norm=True has no place in the llama "
+     "format (LlamaForCausalLM), the closest to this model; qwen3 and qwen3_moe hold it"),
     (dict(MLA, moe=dict(MOE, score="softmax")), "model.moe.score='softmax': HF DeepSeek-V3 "
      "routes with sigmoid scores only"),
     (dict(MLA, moe=dict(MOE, moe_layer_freq=2)), "model.moe.moe_layer_freq=2: HF DeepSeek-V3 "
@@ -284,7 +286,8 @@ def test_init_from_an_hf_directory(tmp_path, data_dir):
     (dict(MLA, moe=dict(MOE, n_group=4, topk_group=2)), "model.moe.n_group=4 with 4 experts"),
     (dict(MLA, mtp_depth=1), "model.mtp_depth=1: multi-token prediction (MTP) modules are not "
      "converted"),
-], ids=["ntk", "mla_norm_eps", "a_field_no_table_holds", "moe_in_llama", "moe_softmax",
+], ids=["ntk", "mla_norm_eps", "a_field_no_table_holds", "moe_in_gqa", "qk_norm_and_window",
+         "moe_softmax",
         "moe_layer_freq", "moe_no_shared", "moe_groups_of_one", "mtp"])
 def test_what_a_format_cannot_hold_is_refused(tmp_path, model_fields, needle):
   cfg = tiny_config()

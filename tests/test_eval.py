@@ -14,7 +14,7 @@ from conftest import tiny_config, tree_hash
 from fmjax import config as config_lib
 from fmjax import eval as eval_cli
 from fmjax.data import task_batches, tasks
-from fmjax.errors import UsageError
+from fmjax.errors import Failure, UsageError
 from fmjax.evaluation import cloze, metrics, run, scoring, suite as suite_lib
 from fmjax.nn import model, params as params_lib, sharding
 from fmjax.nn.spec import ModelSpec
@@ -397,3 +397,17 @@ def test_the_shipped_suites_and_scripture_cloze():
     assert len(it["choices"]) == cloze.CHOICES and len(set(it["choices"])) == cloze.CHOICES
     whole = it["context"].split("\n")[1] + " " + it["choices"][it["answer"]]
     assert whole in (chapters[0][1] + "\n" + chapters[1][1]).split("\n")
+
+
+def test_the_addition_suite_draws_each_level_of_its_family_alone(tok):
+  entries = suite_lib.load_suite("addition")
+  assert [(e.name, e.distribution) for e in entries] == [
+      ("addition", "id"), ("addition_level1", "ood"), ("addition_level2", "ood")]
+  for e, digits in zip(entries, (2, 3, 4)):
+    assert len(e.items) == 100 and all(it["task"] == "addition" for it in e.items)
+    a, b = e.items[0]["prompt"].removeprefix("Add ").split(" + ")
+    assert len(a) == len(b) == digits
+    assert tasks.verify("addition", e.items[0]["prompt"], f"so {int(a) + int(b)}")
+  run.check_context(entries, tok, 64)  # fits the RL experiments' context
+  with pytest.raises(Failure, match="suite entry addition: a prompt of"):
+    run.check_context(entries, tok, 8)

@@ -438,3 +438,21 @@ def test_profile_steps_are_checked(value):
   with pytest.raises(config_lib.ConfigError, match=r"train.profile_steps=.*like 10:13"):
     validate.validate(cfg, 8)
   validate.validate(config("/nowhere", profile_steps="10:13"), 8)
+
+
+def test_a_bad_eval_suite_stops_the_run_before_anything_is_written(data_dir, tmp_path, capfd):
+  with pytest.raises(config_lib.ConfigError, match=r"train.eval_suite_every=5 needs "
+                                                   r"train.eval_suite"):
+    validate.validate(config("/nowhere", eval_suite_every=5), 8)
+  (tmp_path / "bad.yaml").write_text("- {kind: essay, data: kjv}\n")
+  with pytest.raises(config_lib.ConfigError, match=r"train.eval_suite='.*bad.yaml': .*essay"):
+    validate.validate(config("/nowhere", eval_suite=str(tmp_path / "bad.yaml")), 8)
+  # Prompts that do not fit the context are found when the suite's data is read, before
+  # the first step: the 32-token model cannot answer arithmetic prompts.
+  (tmp_path / "long.yaml").write_text(
+      "- {kind: generation, data: arithmetic, settings: {examples: 2}}\n")
+  workdir = str(tmp_path / "run")
+  status = main_lib.train(config(data_dir, eval_suite=str(tmp_path / "long.yaml")), workdir)
+  last = one_line_failure(capfd, status, 1)
+  assert "suite entry arithmetic: a prompt of" in last and "32-token context" in last
+  assert not os.path.exists(workdir)

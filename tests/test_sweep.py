@@ -10,7 +10,7 @@ import pytest
 from fmjax.validate import validate
 from fmjax import config as config_lib
 from fmjax.nn import cost
-from fmjax import sweep as sweep_command
+from fmjax import eval as eval_command, sweep as sweep_command
 from fmjax.scaling import sizing, sweep
 from fmjax.train.records import write_json
 
@@ -92,6 +92,9 @@ def test_grid_is_the_cartesian_product():
 
 def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_dir, monkeypatch,
                                                                  capsys):
+  suite = tmp_path / "suite.yaml"  # run in training: mid-run and at the end
+  suite.write_text("- {kind: multiple_choice, data: kjv_cloze, settings: {examples: 6}}\n"
+                   "- {kind: perplexity, data: kjv, settings: {split: validation, documents: 2}}\n")
   experiment = tmp_path / "tiny_sweep.py"
   experiment.write_text(textwrap.dedent(f"""
       from fmjax import config
@@ -103,7 +106,7 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
         c.data.update(data_dir={data_dir!r}, seq_len=32, eval_batches=1)
         c.optimizer.update(warmup_steps=0)
         c.train.update(batch_size=8, tokens=3 * 8 * 32, progress=False, sample_tokens=0,
-                       eval_every=0)
+                       eval_every=0, eval_suite={str(suite)!r}, eval_suite_every=2)
         c.checkpoint.update(every=0)
         return c
 
@@ -125,6 +128,27 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
     assert r["flops"] == r["tokens"] * r["flops_per_token"]
     assert 0 < r["final_eval_loss"] < 10 and r["best_eval_loss"] <= r["final_eval_loss"]
   assert records[1]["params"] > records[0]["params"]
+
+  # Each record carries the suite's results of the member's last step, which equal what
+  # fmjax.eval measures on the member's final checkpoint; the suite also ran mid-run.
+  tasks = ["kjv_cloze", "kjv_perplexity"]
+  for r in records:
+    assert list(r["suite"]) == tasks and r["suite"]["kjv_cloze"]["examples"] == 6
+    assert 0 <= r["suite"]["kjv_cloze"]["metrics"]["acc"] <= 1
+  run_dir = os.path.join(workdir, "depth1")
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  assert [r["step"] for r in logged if "suite/kjv_perplexity/bits_per_byte" in r] == [2, 3]
+  assert eval_command.main(["--workdir", run_dir, "--suite", str(suite), "--out",
+                            str(tmp_path / "again")]) == 0
+  with open(tmp_path / "again" / "results.jsonl") as f:
+    again = {r["task"]: r for r in map(json.loads, f)}
+  for task in tasks:
+    assert again[task]["step"] == 3
+    for name, value in again[task]["metrics"].items():
+      assert records[0]["suite"][task]["metrics"][name] == pytest.approx(value, rel=1e-5,
+                                                                           abs=1e-6), name
+  assert os.path.exists(os.path.join(run_dir, "eval", "step_2", "results.jsonl"))
 
   def no_training(*args, **kwargs):
     raise AssertionError(f"re-running a finished sweep trained again: {args}")

@@ -1,6 +1,7 @@
 """Fault drills: kill, corrupt and poison short training runs, and check that nothing is lost.
 
   python tools/fault_drill.py [--trials=10] [--data_dir=~/.cache/fmjax] [--out=/tmp/fmjax_drill]
+  python tools/fault_drill.py --rl_only [--rl_trials=3]    # the RL drill alone
 
 Every run is the real command line (`python -m fmjax.main`) with this file as
 its experiment: a 2-layer decoder trained for STEPS steps with a checkpoint
@@ -28,6 +29,12 @@ every EVERY steps, on 8 fake CPU devices. The drills:
   no checkpoint on disk holds a non-finite value. One more trial kills the
   restore run just after its restore: survived if the restart ends with the
   same parameters as the uninterrupted restore run.
+- RL (`--rl_trials`): SIGKILL at random moments of a GRPO run (this file with
+  the argument `rl`: rollouts of 2 prompts x 4 samples a step on addition,
+  rewards from the verifier), then the same command again. Survived: final
+  parameters bit-identical to an uninterrupted GRPO run's (the prompt
+  iterator's position and optimizer state are checkpointed; the rollout key is
+  derived from the batch number the checkpoint keeps), within the same bound.
 
 Steps recomputed: steps a killed or corrupted run had logged beyond the
 checkpoint its restart resumed from (for restore: the steps thrown away).
@@ -69,8 +76,8 @@ def promised(logged: int) -> int:
 
 
 def get_config(arg=None):
-  """The drill's run, as an experiment file: small enough to start and step in seconds."""
-  del arg
+  """The drill's run, as an experiment file: small enough to start and step in seconds.
+  `rl`: the same model trained by GRPO from random parameters (the RL drill)."""
   from fmjax import config
 
   c = config.base()
@@ -81,6 +88,12 @@ def get_config(arg=None):
   c.train.update(steps=STEPS, batch_size=8, log_every=1, eval_every=0, sample_tokens=0,
                  progress=False)
   c.checkpoint.update(every=EVERY, keep=3)
+  if arg == "rl":
+    c.objective.name = "grpo"
+    c.objective.tasks = "addition"
+    c.objective.rl.update(group_size=4, max_new_tokens=8, eval_prompts=8)
+    c.data.seq_len = 48  # prompts of the 512-token vocabulary run to 31 tokens
+    c.optimizer.warmup_steps = 0
   return c
 
 
@@ -104,8 +117,9 @@ class Row:
 class Drills:
   """Runs the drills in `out`, on the corpus and tokenizer cached in `data_dir`."""
 
-  def __init__(self, data_dir: str, out: str, seed: int = 0, log=print):
+  def __init__(self, data_dir: str, out: str, seed: int = 0, log=print, arg: str = ""):
     self.data_dir, self.out, self.log = os.path.abspath(data_dir), os.path.abspath(out), log
+    self.arg = arg  # the experiment's argument: "rl" for the RL drill
     self.rng = random.Random(seed)
     self._reference = None
     os.makedirs(self.out, exist_ok=True)
@@ -113,7 +127,8 @@ class Drills:
   # -- running -----------------------------------------------------------------
 
   def command(self, workdir, *flags):
-    return [sys.executable, "-m", "fmjax.main", f"--config={os.path.abspath(__file__)}",
+    config = os.path.abspath(__file__) + (f":{self.arg}" if self.arg else "")
+    return [sys.executable, "-m", "fmjax.main", f"--config={config}",
             f"--workdir={workdir}", f"--config.data.data_dir={self.data_dir}", *flags]
 
   def start(self, workdir, *flags, env=None):
@@ -166,7 +181,7 @@ class Drills:
   # -- drills ------------------------------------------------------------------
 
   def sigkill_at_random(self, trials: int) -> Row:
-    row = Row("SIGKILL at a random moment")
+    row = Row("SIGKILL at a random moment" + (" of a GRPO run" if self.arg == "rl" else ""))
     _, times, end = self.reference()
     first = times[0][1]
     for i in range(trials):
@@ -452,6 +467,8 @@ def main():
   parser.add_argument("--data_dir", default="~/.cache/fmjax")
   parser.add_argument("--out", default="/tmp/fmjax_drill")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--rl_trials", type=int, default=3, help="random SIGKILL trials of GRPO")
+  parser.add_argument("--rl_only", action="store_true", help="run the RL drill alone")
   args = parser.parse_args()
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   sys.path.insert(0, REPO)
@@ -459,11 +476,15 @@ def main():
   d = Drills(os.path.expanduser(args.data_dir), args.out, seed=args.seed,
              log=lambda m: print(m, flush=True))
   rows = []
-  for name, drill in [("reference", None),
-                      ("sigkill at random", lambda: d.sigkill_at_random(args.trials)),
-                      ("sigkill during save", lambda: d.sigkill_during_save(args.save_trials)),
-                      ("corrupt latest", d.corrupt_latest),
-                      ("injected nan", d.nan_injected)]:
+  rl_drills = Drills(os.path.expanduser(args.data_dir), os.path.join(args.out, "rl"),
+                     seed=args.seed, log=d.log, arg="rl")
+  drills = [("reference", None),
+            ("sigkill at random", lambda: d.sigkill_at_random(args.trials)),
+            ("sigkill during save", lambda: d.sigkill_during_save(args.save_trials)),
+            ("corrupt latest", d.corrupt_latest),
+            ("injected nan", d.nan_injected),
+            ("rl: sigkill at random", lambda: rl_drills.sigkill_at_random(args.rl_trials))]
+  for name, drill in drills[-1:] if args.rl_only else drills:
     print(f"{name}:", flush=True)
     if drill is None:
       d.reference()

@@ -24,6 +24,11 @@ cut to L tokens. Each epoch takes a fresh order of the chapters, cut to a
 whole number of batches, so the B pairs of a batch come from B distinct
 chapters and each row's positive is the only positive for its anchor among the B.
 
+Prompt batches (RL rollouts; fmjax.posttrain.rl), (B, P) int32 prompt_tokens,
+right-padded with 0 and cut at P, and (B, 1) int32 prompt_length (before any
+cut: a longer prompt is the rollout's error to report) and index (of the example
+in its task dataset, so rewards can be computed from the example).
+
 Examples longer than L (prompt plus response) are skipped, counted and logged
 (fmjax.data.pipeline.SkipBad). Train streams are endless and reshuffled every
 epoch; validation streams are finite and in stored order. Iterator states are
@@ -104,14 +109,26 @@ class _PairExample(_Example):
     return row
 
 
-def _examples(source, split, seed):
+class _PromptExample(_Example):
+
+  def map(self, e):
+    ids = np.asarray(render(self.tokenizer, e["prompt"], "")[0], np.int32)
+    return {"prompt_tokens": np.pad(ids[:self.seq_len], (0, max(0, self.seq_len - len(ids)))),
+            "prompt_length": np.asarray([len(ids)], np.int32),
+            "index": np.asarray([e["index"]], np.int32)}
+
+
+def _examples(source, split, seed, with_index=False):
   ds = grain.MapDataset.source(source)
+  if with_index:
+    ds = ds.map_with_index(lambda i, e: dict(e, index=i))
   return ds.shuffle(seed=pipeline._mix(seed)).repeat() if split == "train" else ds  # pylint: disable=protected-access
 
 
 def sft_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: int,
-                seed: int = 0, size: int | None = None) -> grain.IterDataset:
-  ex = _examples(tasks.Instructions(split, seed, size), split, seed)
+                seed: int = 0, size: int | None = None,
+                task_names: tuple[str, ...] = tasks.TASKS) -> grain.IterDataset:
+  ex = _examples(tasks.Instructions(split, seed, size, tasks=task_names), split, seed)
   ds = ex.map(_SftExample(tokenizer, seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
   ds = pipeline.SkipBad(ds, "sft", max_skip_fraction=0.01)
   ds = grain.experimental.FirstFitPackIterDataset(
@@ -124,14 +141,27 @@ def sft_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: i
 
 def dpo_batches(tokenizer: Tokenizer, split: str, *, seq_len: int, batch_size: int,
                 seed: int = 0, size: int | None = None,
-                one_pass: bool = False) -> grain.IterDataset:
+                one_pass: bool = False, task_names: tuple[str, ...] = tasks.TASKS,
+                jsonl: str = "") -> grain.IterDataset:
   """`one_pass`: every example of the split once, in stored order, the last batch
-  possibly short (to precompute something per example)."""
-  prefs = tasks.Preferences(split, seed, size)
+  possibly short (to precompute something per example). `jsonl`: the pairs of
+  that file (tasks.PreferenceFile) instead of the task preferences."""
+  prefs = (tasks.PreferenceFile(jsonl, split) if jsonl
+           else tasks.Preferences(split, seed, size, tasks=task_names))
   ex = grain.MapDataset.source(prefs) if one_pass else _examples(prefs, split, seed)
   ds = ex.map(_DpoExample(tokenizer, seq_len)).to_iter_dataset(pipeline.READ_OPTIONS)
   ds = pipeline.SkipBad(ds, "dpo", max_skip_fraction=0.01)
   return ds.batch(batch_size, drop_remainder=not one_pass)
+
+
+def prompt_batches(tokenizer: Tokenizer, split: str, *, prompt_len: int, batch_size: int,
+                   seed: int = 0, size: int | None = None,
+                   task_names: tuple[str, ...] = tasks.TASKS) -> grain.IterDataset:
+  """Batches of task prompts for rollouts, `prompt_len` wide (see the module docstring)."""
+  ex = _examples(tasks.Instructions(split, seed, size, tasks=task_names), split, seed,
+                 with_index=True)
+  ds = ex.map(_PromptExample(tokenizer, prompt_len)).to_iter_dataset(pipeline.READ_OPTIONS)
+  return ds.batch(batch_size, drop_remainder=True)
 
 
 class _WholeBatchEpochs:

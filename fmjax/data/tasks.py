@@ -23,17 +23,32 @@ differ), and `Instructions(split, level=L)` draws them with a seed of their own,
 so level 0 is exactly what it was before levels existed.
 
 `verify(task, prompt, response)` checks a response by recomputing the answer
-from the prompt, independently of the generator, at every level.
+from the prompt, independently of the generator, at every level; `reward` is
+that check as a 0/1 reward of (example, completion), the default verifier of
+RL (fmjax/posttrain/rl.py).
+
+`addition` (in FAMILIES, not in the default TASKS) is a task where writing the
+intermediate steps helps: "Add 47 + 85" is answered column by column, carries
+written out, "7+5=12, 4+8+1=13, so 132". Only the final number is checked.
+Level 0 adds two 2-digit numbers; the held-out levels 1 and 2 add 3- and
+4-digit ones. `Instructions(..., tasks=("addition",))` draws it alone.
+
+`PreferenceFile` reads preference pairs from a JSONL file of {"prompt",
+"chosen", "rejected"} records instead, split into train and validation by the
+same hash of the prompt.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 
 import numpy as np
 
-TASKS = ("arithmetic", "reversal", "sorting")
+TASKS = ("arithmetic", "reversal", "sorting")  # what Instructions draws by default
+FAMILIES = TASKS + ("addition",)  # every task family
+ADDITION_DIGITS = {0: 2, 1: 3, 2: 4}  # operand digits of addition at each level
 SPLITS = {"train": 0, "validation": 1}
 LEVELS = (0, 1, 2)
 OOD_LEVELS = (1, 2)  # held out from training: harder than anything level 0 draws
@@ -46,6 +61,8 @@ def _split_of(prompt: str) -> str:
 
 def _draw(task: str, rng: np.random.Generator, level: int = 0) -> tuple[str, str, str]:
   """(prompt, correct response, a wrong response) of one random example of `task`."""
+  if task == "addition":
+    return _addition(rng, ADDITION_DIGITS[level])
   if level:
     return _draw_ood(task, rng, level)
   if task == "arithmetic":
@@ -104,6 +121,23 @@ def _draw_ood(task: str, rng: np.random.Generator, level: int) -> tuple[str, str
   raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
 
 
+def addition_steps(a: int, b: int) -> str:
+  """'7+5=12, 4+8+1=13, so 132' for 47 + 85: each column from the right with its carry."""
+  steps, carry, x, y = [], 0, a, b
+  while x or y:
+    s = x % 10 + y % 10 + carry
+    steps.append(f"{x % 10}+{y % 10}" + (f"+{carry}" if carry else "") + f"={s}")
+    carry, x, y = s // 10, x // 10, y // 10
+  return ", ".join(steps) + f", so {a + b}"
+
+
+def _addition(rng: np.random.Generator, digits: int) -> tuple[str, str, str]:
+  a, b = (int(x) for x in rng.integers(10**(digits - 1), 10**digits, 2))
+  right = addition_steps(a, b)
+  delta = int(rng.choice([-10, -1, 1, 10]))
+  return f"Add {a} + {b}", right, right.rsplit(" ", 1)[0] + f" {a + b + delta}"
+
+
 def _evaluate(expression: str) -> int:
   """'12 + 7 * 3' -> 33: non-negative integers, + - *, with * before + and -."""
   parts = expression.split(" ")
@@ -129,21 +163,41 @@ def verify(task: str, prompt: str, response: str) -> bool:
   if task == "sorting":
     numbers = [int(x) for x in prompt.removeprefix("Sort in ascending order: ").split(", ")]
     return response == ", ".join(map(str, sorted(numbers)))
+  if task == "addition":
+    a, b = (int(x) for x in re.fullmatch(r"Add (\d+) \+ (\d+)", prompt).groups())
+    last = re.search(r"(-?\d+)\s*$", response)
+    return last is not None and int(last.group(1)) == a + b
   raise ValueError(f"unknown task {task!r}")
+
+
+def reward(example: dict, completion: str) -> float:
+  """1.0 if `completion` answers the task example {"task", "prompt", ...} correctly, else 0.0."""
+  return float(verify(example["task"], example["prompt"], completion))
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+  """'addition, sorting' -> ('addition', 'sorting'); '' -> TASKS. Raises ValueError."""
+  names = tuple(t.strip() for t in text.split(",") if t.strip()) or TASKS
+  for t in names:
+    if t not in FAMILIES:
+      raise ValueError(f"unknown task {t!r}; tasks are {', '.join(FAMILIES)}")
+  return names
 
 
 class Instructions:
   """Random-access SFT examples of one split: {"task", "prompt", "response"} (str).
 
-  `level` > 0 draws a held-out harder level (OOD_LEVELS), for evaluation only.
+  `level` > 0 draws a held-out harder level (OOD_LEVELS), for evaluation only;
+  `tasks` are the families drawn in turn (default TASKS).
   """
 
-  def __init__(self, split: str, seed: int = 0, size: int | None = None, level: int = 0):
+  def __init__(self, split: str, seed: int = 0, size: int | None = None, level: int = 0,
+               tasks: tuple[str, ...] = TASKS):
     if split not in SPLITS:
       raise ValueError(f"no split {split!r}; splits are {', '.join(SPLITS)}")
     if level not in LEVELS:
       raise ValueError(f"no level {level}; levels are {', '.join(map(str, LEVELS))}")
-    self.split, self.seed, self.level = split, seed, level
+    self.split, self.seed, self.level, self.tasks = split, seed, level, tuple(tasks)
     self.size = size or (100_000 if split == "train" else 1_000)
 
   def __len__(self):
@@ -152,9 +206,11 @@ class Instructions:
   def _example(self, i: int) -> dict:
     if not 0 <= i < self.size:
       raise IndexError(f"{self.split} has {self.size} examples, asked for {i}")
-    task = TASKS[i % len(TASKS)]
+    task = self.tasks[i % len(self.tasks)]
     for attempt in range(1000):
       key = (self.seed, SPLITS[self.split], i, attempt) + ((self.level,) if self.level else ())
+      if self.tasks != TASKS:  # the original mix keeps its draws
+        key += (zlib.crc32(task.encode()),)
       prompt, right, wrong = _draw(task, np.random.default_rng(key), self.level)
       if _split_of(prompt) == self.split:
         return {"task": task, "prompt": prompt, "response": right, "rejected": wrong}
@@ -172,6 +228,37 @@ class Preferences(Instructions):
     e = self._example(i)
     return {"task": e["task"], "prompt": e["prompt"], "chosen": e["response"],
             "rejected": e["rejected"]}
+
+
+class PreferenceFile:
+  """Random-access preference triples of one split of a JSONL file of {"prompt", "chosen",
+  "rejected"} records: {"task": "jsonl", "prompt", "chosen", "rejected"}."""
+
+  def __init__(self, path: str, split: str):
+    if split not in SPLITS:
+      raise ValueError(f"no split {split!r}; splits are {', '.join(SPLITS)}")
+    self.records = []
+    with open(path) as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          r = json.loads(line)
+          r = {"task": "jsonl", **{k: str(r[k]) for k in ("prompt", "chosen", "rejected")}}
+        except (ValueError, KeyError, TypeError) as e:
+          raise ValueError(f"{path}:{n} is not a JSON record with prompt, chosen and "
+                           f"rejected ({type(e).__name__}: {e})") from None
+        if _split_of(r["prompt"]) == split:
+          self.records.append(r)
+    if not self.records:
+      raise ValueError(f"{path} has no {split} records (one prompt in "
+                       f"{VALIDATION_BUCKETS} is held out, by a hash of its text)")
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.records[i]
 
 
 class PassagePairs:

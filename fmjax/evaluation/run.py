@@ -22,7 +22,8 @@ Metrics by kind:
                    pass@k for each k of the settings (unbiased, over n samples)
 
 `write_outputs` writes results.jsonl and the reliability diagrams; `format_table`
-is the console table.
+is the console table; `flat_metrics`, `summary` and `headline` are what a training
+run records of a suite it runs (train.eval_suite).
 """
 
 from __future__ import annotations
@@ -109,6 +110,19 @@ def run_suite(params, spec, tokenizer, suite, mesh=None, *, seq_len: int, rows: 
                         settings=e.settings, step=step,
                         seconds=round(time.time() - start, 2), **result))
   return records
+
+
+def check_context(suite, tokenizer, seq_len: int) -> None:
+  """Failure naming the first generation entry with a prompt that leaves no room to answer
+  in the `seq_len`-token context: said before a model is loaded or trained."""
+  for e in suite:
+    if e.kind == "generation" and e.items:
+      longest = max(len(task_batches.render(tokenizer, item["prompt"], "")[0])
+                    for item in e.items)
+      if longest >= seq_len:
+        raise Failure(f"suite entry {e.name}: a prompt of {longest} tokens leaves no room to "
+                      f"answer in the {seq_len}-token context (data.seq_len); use shorter "
+                      "prompts or a model trained at a longer context")
 
 
 def perplexity_requests(tokenizer, documents, seq_len):
@@ -217,6 +231,34 @@ def format_table(records: list[dict]) -> str:
       lines.append(f"-- {title} " + "-" * (len(head) - len(title) - 4))
     lines += [_table_lines(r) for r in group]
   return "\n".join(lines)
+
+
+# The one metric of each kind a console line quotes for a task.
+HEADLINE = {"perplexity": "bits_per_byte", "multiple_choice": "acc", "generation": "accuracy"}
+
+
+def flat_metrics(records: list[dict]) -> dict:
+  """{"suite/TASK/METRIC": value} of every record: the keys of a training run's records
+  (and its TensorBoard tags)."""
+  return {f"suite/{r['task']}/{name}": value for r in records
+          for name, value in r["metrics"].items()}
+
+
+def summary(records: list[dict]) -> dict:
+  """{task: kind, distribution, examples, metrics, stderr}: what a run's summary.json (and
+  so a sweep's records) keeps of a suite's records."""
+  keep = ("kind", "distribution", "examples", "metrics", "stderr", "step")
+  return {r["task"]: {k: r[k] for k in keep} for r in records}
+
+
+def headline(records: list[dict]) -> str:
+  """One short line: the headline metric of each task."""
+  parts = []
+  for r in records:
+    name = HEADLINE[r["kind"]]
+    if name in r["metrics"]:
+      parts.append(f"{r['task']} {name} {r['metrics'][name]:.3f}")
+  return ", ".join(parts)
 
 
 def _table_lines(r: dict) -> str:

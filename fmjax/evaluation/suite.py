@@ -54,7 +54,7 @@ SETTINGS = {  # kind -> its settings and their defaults
                        bins=10, seed=0, distribution=None),
 }
 KINDS = tuple(SETTINGS)
-BUILT_IN = {"multiple_choice": ("kjv_cloze",), "generation": tasks.TASKS}
+BUILT_IN = {"multiple_choice": ("kjv_cloze",), "generation": tasks.FAMILIES}
 
 
 @dataclasses.dataclass
@@ -329,11 +329,15 @@ def _generation_items(e: Entry) -> list[dict]:
                               level=e.settings["level"])
     return [{"task": e.data, "prompt": data[i]["prompt"]}
             for i in range(which, size, len(tasks.TASKS))]
+  if e.data in tasks.FAMILIES:  # a family outside the default mix (addition) is drawn alone
+    data = tasks.Instructions("validation", seed=e.settings["seed"], size=examples or 100,
+                              level=e.settings["level"], tasks=(e.data,))
+    return [{"task": e.data, "prompt": data[i]["prompt"]} for i in range(len(data))]
   items = _jsonl(e.data, {"task": str, "prompt": str})
   for n, item in enumerate(items, 1):
-    if item["task"] not in tasks.TASKS:
+    if item["task"] not in tasks.FAMILIES:
       raise Failure(f"{e.data} record {n}: task {item['task']!r} has no verifier; tasks are "
-                    f"{', '.join(tasks.TASKS)}")
+                    f"{', '.join(tasks.FAMILIES)}")
     try:
       tasks.verify(item["task"], item["prompt"], "")
     except (AttributeError, ValueError):  # the verifier cannot read the prompt

@@ -5,6 +5,9 @@
   and at both held-out harder levels (out of distribution), with pass@k.
 - quick: the same kinds on fewer examples and greedy answers only: minutes on a
   CPU, for evaluations inside a training run.
+- addition: the written-out addition family that RL trains on
+  (experiments/grpo_tiny.py), at its training level and both held-out ones,
+  greedy and pass@k; its prompts fit a 64-token context.
 """
 
 from fmjax.data import tasks
@@ -27,4 +30,9 @@ QUICK = [
     dict(kind="multiple_choice", data="kjv_cloze", settings=dict(examples=50)),
 ] + _tasks(examples=10, n=0, k=[], max_new_tokens=48)
 
-SUITES = {"default": DEFAULT, "quick": QUICK}
+ADDITION = [dict(kind="generation", data="addition",
+                 settings=dict(level=level, examples=100, n=4, k=[1, 4], temperature=0.8,
+                               max_new_tokens=40))
+            for level in tasks.LEVELS]
+
+SUITES = {"default": DEFAULT, "quick": QUICK, "addition": ADDITION}

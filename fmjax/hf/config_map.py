@@ -1,8 +1,8 @@
 """fmjax model config <-> Hugging Face config.json, for the formats of fmjax/hf/tables.py.
 
-Nothing is silently dropped. A config that one side cannot express (MTP modules, softmax
-router scores, moe_layer_freq > 1, an MoE without shared experts, a rope scaling the other
-side does not have, biases) stops with a one-line `FormatError` naming it.
+Nothing is silently dropped. A config that one side cannot express (MTP modules, a routing
+the other side does not have, a rope scaling the other side does not have, a config key
+fmjax does not know) stops with a one-line `FormatError` naming it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import math
 from fmjax import config as config_lib
 from fmjax.data import tokenizer as tokenizer_lib
 from fmjax.hf.safetensors_files import FormatError
-from fmjax.hf.tables import DEEPSEEK_V3, FORMATS, LLAMA, Format, format_for
+from fmjax.hf.tables import DEEPSEEK_V3, FORMATS, MIXTRAL, QWEN3_MOE, Format, format_for
 from fmjax.nn.spec import head_dim
 
 
-# The mixture of experts (model.moe field -> HF key), in DeepSeek-V3 only. HF DeepSeek-V3
+# The mixture of experts (model.moe field -> HF key) of DeepSeek-V3. HF DeepSeek-V3
 # routes as fmjax does with score='sigmoid', moe_layer_freq=1 and the router bias in the
 # selection (balance='aux_free', HF's "noaux_tc"); it scores a group of experts by its two
 # best, as fmjax does for sigmoid scores; every layer after the first k is an MoE layer.
@@ -39,21 +39,65 @@ MOE_NOT_STORED = ("balance", "aux_loss_coef", "aux_loss_scope", "router_z_loss_c
 # runs every token through its experts; capacity dispatch would drop the overflow).
 MOE_IMPORTED = {"balance": "aux_free", "dispatch": "dropless"}
 
+# Qwen3-MoE and Mixtral: softmax over every expert, the top k, no shared expert, no bias.
+# model.moe field -> HF key; Mixtral always renormalises the top k, and its experts' width
+# is intermediate_size. Qwen3-MoE's first dense layers are its `mlp_only_layers`.
+SOFTMAX_MOE_FIELDS = {
+    "qwen3_moe": {"n_routed_experts": "num_experts", "experts_per_token": "num_experts_per_tok",
+                  "moe_intermediate_size": "moe_intermediate_size",
+                  "norm_topk_prob": "norm_topk_prob"},
+    "mixtral": {"n_routed_experts": "num_local_experts",
+                "experts_per_token": "num_experts_per_tok",
+                "moe_intermediate_size": "intermediate_size"},
+}
+SOFTMAX_ROUTING = {"score": "softmax", "n_shared_experts": 0, "n_group": 1, "topk_group": 1,
+                   "routed_scaling_factor": 1.0, "moe_layer_freq": 1}
+MIXTRAL_ROUTING = {"norm_topk_prob": True, "first_k_dense": 0}
+# The model.moe fields the function of a checkpoint depends on (balance too if 'aux_free').
+MOE_FUNCTION = (*MOE_FIELDS, *MOE_ROUTING, "dispatch")
+
 # Model fields that are not part of the function a checkpoint holds.
 NOT_STORED = ("depth", "aspect_ratio", "attention", "init_std", "dtype", "remat",
               "scan_layers", "rope_theta", "rope_scaling",  # rope: converted on their own
-              "moe", "mtp_depth", "mtp_weight")  # checked on their own
+              "moe", "mtp_depth", "mtp_weight", "attention_impl")  # checked on their own
+
+# HF config keys every format may carry that do not change the function: metadata, the
+# token ids, sizes of generation, training switches that are off. Anything else a format
+# does not read is refused, naming it.
+METADATA_KEYS = ("architectures", "model_type", "transformers_version", "dtype",
+                 "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id",
+                 "initializer_range", "use_cache", "max_position_embeddings", "rope_theta",
+                 "rope_scaling", "rope_parameters", "tie_word_embeddings", "head_dim",
+                 "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
+                 "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+                 "is_encoder_decoder", "tokenizer_class", "quantization_config", "auto_map",
+                 "output_router_logits", "torchscript", "attention_dropout")
+DEEPSEEK_KEYS = (*MOE_FIELDS.values(), *MOE_FIXED, "num_nextn_predict_layers", "qk_head_dim",
+                 "rope_interleave", "num_key_value_heads", "ep_size", "aux_loss_alpha",
+                 "seq_aux", "pretraining_tp", "n_routed_experts")
+ROPE_KEYS = {"default": (), "linear": ("factor",),
+             "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                      "mscale", "mscale_all_dim", "attention_factor", "truncate"),
+             "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                        "high_freq_factor")}
 
 
 def check_model(m) -> Format:
   """The format for model config `m`; FormatError if `m` asks for what the format cannot hold."""
   fmt = format_for(m)
   default = config_lib.base().model
-  known = set(fmt.fields) | set(fmt.unused) | set(NOT_STORED)
+  known = set(fmt.fields) | set(fmt.unused) | set(NOT_STORED) | set(fmt.model)
   for name in m.keys():  # fields added later convert once a table row holds them
     if name not in known and m[name] != default.get(name):
       raise FormatError(f"model.{name}={m[name]!r} has no place in the {fmt.model_type} "
                         f"format ({fmt.architecture}); fmjax cannot convert this model yet")
+  for name, want in fmt.model.items():
+    if m[name] != want:
+      have = [f.model_type for f in FORMATS.values() if f.model.get(name, m[name]) == m[name]
+              and f.attention == m.attention]
+      raise FormatError(f"model.{name}={m[name]!r} has no place in the {fmt.model_type} "
+                        f"format ({fmt.architecture}), the closest to this model; "
+                        f"{' and '.join(have) or 'no format'} hold it, with other settings")
   if m.mtp_depth:
     raise FormatError(f"model.mtp_depth={m.mtp_depth}: multi-token prediction (MTP) modules "
                       "are not converted; export a model without them")
@@ -70,10 +114,12 @@ def check_model(m) -> Format:
 
 def _check_moe(m, fmt: Format):
   e = m.moe
-  if fmt is not DEEPSEEK_V3:
+  if fmt.moe is None:
     raise FormatError(f"model.moe.n_routed_experts={e.n_routed_experts}: the {fmt.model_type} "
-                      f"format has no mixture of experts; MoE models convert to deepseek_v3, "
-                      "which needs model.attention='mla'")
+                      f"format has no mixture of experts")
+  if fmt is not DEEPSEEK_V3:
+    _check_softmax_moe(m, fmt)
+    return
   default = config_lib.base().model.moe
   for name in e.keys():  # a field added later converts once a table holds it
     if name not in {*MOE_FIELDS, *MOE_ROUTING, *MOE_NOT_STORED} and e[name] != default.get(name):
@@ -93,12 +139,30 @@ def _check_moe(m, fmt: Format):
                       "at least 2")
 
 
+def _check_softmax_moe(m, fmt: Format):
+  e, name = m.moe, fmt.model_type
+  routing = dict(SOFTMAX_ROUTING, **(MIXTRAL_ROUTING if fmt is MIXTRAL else {}))
+  stored = {*SOFTMAX_MOE_FIELDS[name], *routing, *MOE_NOT_STORED, "first_k_dense"}
+  default = config_lib.base().model.moe
+  for field in e.keys():
+    if field not in stored and e[field] != default.get(field):
+      raise FormatError(f"model.moe.{field}={e[field]!r} has no place in the {name} format")
+  for field, want in routing.items():
+    if e[field] != want:
+      raise FormatError(f"model.moe.{field}={e[field]!r}: the {name} format ({fmt.architecture}) "
+                        f"routes with {field}={want!r} only (softmax over every expert, top "
+                        "k, no shared or grouped experts); set it to convert")
+  if e.balance == "aux_free":
+    raise FormatError(f"model.moe.balance='aux_free': {name} routers have no selection bias "
+                      "to hold fmjax's; use balance='aux' or 'none' to convert")
+
+
 def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
   """The HF config.json of model config `m` (checked with `check_model` first)."""
   fmt = check_model(m)
   c = {"architectures": [fmt.architecture], "model_type": fmt.model_type,
        **{key: m[field] for field, key in fmt.fields.items()}}
-  if fmt is LLAMA:
+  if fmt.attention == "gqa":
     c["head_dim"] = head_dim(m)
   else:
     c.update(q_lora_rank=m.q_lora_rank or None, num_key_value_heads=m.n_heads,
@@ -109,7 +173,18 @@ def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
     else:  # every layer dense: no experts (n_routed_experts only has to be valid)
       c.update(first_k_dense_replace=m.n_layers, n_routed_experts=1, n_shared_experts=0,
                num_experts_per_tok=1, n_group=1, topk_group=1, moe_intermediate_size=m.d_ff)
-  c.update(fmt.fixed)
+  if "sliding_window" in fmt.fields:
+    c["sliding_window"] = m.sliding_window or None
+  if "layer_types" in fmt.keys:
+    c.update(sliding_window=None, max_window_layers=m.n_layers,
+             layer_types=["full_attention"] * m.n_layers)
+  if fmt.moe in SOFTMAX_MOE_FIELDS:
+    e = m.moe
+    c.update({key: e[field] for field, key in SOFTMAX_MOE_FIELDS[fmt.moe].items()},
+             router_aux_loss_coef=e.aux_loss_coef if e.balance == "aux" else 0.0)
+    if fmt is QWEN3_MOE:
+      c["mlp_only_layers"] = list(range(e.first_k_dense))
+  c.update(fmt.fixed, attention_dropout=0.0)
   rope_theta, scaling = _rope_to_hf(m, fmt)
   c.update(rope_theta=rope_theta, rope_scaling=scaling,
            max_position_embeddings=(
@@ -128,7 +203,9 @@ def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
   moe = (fmt is DEEPSEEK_V3 and bool(hf_cfg.get("n_routed_experts"))
          and first_dense < hf_cfg.get("num_hidden_layers", 0))
   moe_fields = _moe_fields(hf_cfg, where) if moe else None  # its refusals name the feature
-  for key, want in fmt.fixed.items():
+  if fmt.moe in SOFTMAX_MOE_FIELDS:
+    moe_fields = _softmax_moe_fields(hf_cfg, fmt, where)
+  for key, want in dict(fmt.fixed, attention_dropout=0.0).items():
     have = hf_cfg.get(key, want)
     if have != want:
       raise FormatError(f"{where}: {key}={have!r} is not supported; fmjax converts "
@@ -136,22 +213,70 @@ def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
   if hf_cfg.get("quantization_config"):
     raise FormatError(f"{where}: quantized checkpoints (quantization_config) are not "
                       "supported; dequantize to float32 or bfloat16 first")
-  out = {"attention": fmt.attention}
+  out = {"attention": fmt.attention, **fmt.model}
+  optional = ("head_dim", "q_lora_rank", "tie_embeddings", "sliding_window")
   for field, key in fmt.fields.items():
-    if key not in hf_cfg and field not in ("head_dim", "q_lora_rank", "tie_embeddings"):
+    if key not in hf_cfg and field not in optional:
       raise FormatError(f"{where}: {key} is missing")
     out[field] = hf_cfg.get(key)
   out["tie_embeddings"] = bool(hf_cfg.get("tie_word_embeddings", False))
-  if fmt is LLAMA:
+  if fmt.attention == "gqa":
     hd = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
     out["head_dim"] = 0 if hd * hf_cfg["num_attention_heads"] == hf_cfg["hidden_size"] else hd
     out["n_kv_heads"] = hf_cfg.get("num_key_value_heads") or hf_cfg["num_attention_heads"]
   else:
     out["q_lora_rank"] = hf_cfg.get("q_lora_rank") or 0
-  if moe:
+  if "sliding_window" in fmt.fields:
+    out["sliding_window"] = int(hf_cfg.get("sliding_window") or 0)
+  if moe_fields:
     out["moe"] = moe_fields
   out["norm_eps"] = float(out["norm_eps"])
   out["rope_theta"], out["rope_scaling"] = _rope_from_hf(hf_cfg, fmt, where)
+  _check_keys(hf_cfg, fmt, where)  # after the checks whose messages name a feature
+  return out
+
+
+def _check_keys(hf_cfg: dict, fmt: Format, where: str):
+  """Every key of `hf_cfg` is one the format reads, or metadata (METADATA_KEYS)."""
+  known = {*fmt.fields.values(), *fmt.fixed, *fmt.keys, *METADATA_KEYS}
+  if fmt is DEEPSEEK_V3:
+    known.update(DEEPSEEK_KEYS)
+  if fmt.moe in SOFTMAX_MOE_FIELDS:
+    known.update(SOFTMAX_MOE_FIELDS[fmt.moe].values(), ("router_aux_loss_coef", "num_experts",
+                                                         "num_local_experts"))
+  for key in hf_cfg:
+    if key not in known:
+      raise FormatError(f"{where}: {key}={hf_cfg[key]!r} is not a {fmt.model_type} setting "
+                        "fmjax understands; nothing is dropped silently, so it was not converted")
+  if "layer_types" in fmt.keys and hf_cfg.get("layer_types"):
+    kinds = sorted(set(hf_cfg["layer_types"]))
+    if kinds != ["full_attention"]:
+      raise FormatError(f"{where}: layer_types {kinds} is not supported; fmjax converts "
+                        f"{fmt.model_type} models whose layers are all full_attention")
+
+
+def _softmax_moe_fields(hf_cfg: dict, fmt: Format, where: str) -> dict:
+  """The model.moe fields of a Qwen3-MoE or Mixtral config."""
+  keys = dict(SOFTMAX_MOE_FIELDS[fmt.moe])
+  if fmt is QWEN3_MOE and "num_experts" not in hf_cfg:  # how transformers 5 writes it
+    keys["n_routed_experts"] = "num_local_experts"
+  for key in keys.values():
+    if hf_cfg.get(key) is None:
+      raise FormatError(f"{where}: {key} is missing (needed for the mixture of experts)")
+  out = dict(config_lib.base().model.moe)
+  out.update({field: hf_cfg[key] for field, key in keys.items()}, **SOFTMAX_ROUTING,
+             dispatch="dropless")
+  if fmt is MIXTRAL:
+    out.update(MIXTRAL_ROUTING)
+  else:
+    n = hf_cfg.get("num_hidden_layers", 0)
+    dense = sorted(hf_cfg.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))) or len(dense) >= n:
+      raise FormatError(f"{where}: mlp_only_layers={dense} is not supported; fmjax's dense "
+                        "layers are the first k (and at least one layer is MoE)")
+    out.update(first_k_dense=len(dense), norm_topk_prob=bool(out["norm_topk_prob"]))
+  coef = float(hf_cfg.get("router_aux_loss_coef") or 0.0)
+  out.update(balance="aux" if coef else "none", aux_loss_coef=coef or out["aux_loss_coef"])
   return out
 
 
@@ -176,11 +301,21 @@ def _moe_fields(hf_cfg: dict, where: str) -> dict:
   return out
 
 
+# Families fmjax refuses, and why (a feature the fmjax model does not have).
+NOT_YET = {
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"),
+                    "Gemma needs logit soft-capping, GeGLU, the embedding multiplier, "
+                    "(1 + w) RMSNorm, norms after attention and MLP and alternating "
+                    "local/global layers, which fmjax's model does not have yet"),
+}
+
+
 def _format_of(hf_cfg: dict, where: str) -> Format:
   kind = hf_cfg.get("model_type")
   if kind not in FORMATS:
-    raise FormatError(f"{where}: model_type={kind!r} is not supported; fmjax converts "
-                      f"{' and '.join(FORMATS)} models")
+    why = f" ({NOT_YET[kind]})" if kind in NOT_YET else ""
+    raise FormatError(f"{where}: model_type={kind!r} is not supported{why}; fmjax converts "
+                      f"{', '.join(FORMATS)} models")
   return FORMATS[kind]
 
 
@@ -205,9 +340,14 @@ def _rope_to_hf(m, fmt: Format):
     else:  # cos and sin * attention_factor: q.k * attention_factor^2 (mscale: for fmjax)
       s.update(attention_factor=_mscale(r.factor, r.mscale), mscale=r.mscale)
     return m.rope_theta, s
+  if r.kind == "llama3" and r.kind in fmt.rope:
+    return m.rope_theta, {"rope_type": "llama3", "factor": r.factor,
+                          "low_freq_factor": r.low_freq_factor,
+                          "high_freq_factor": r.high_freq_factor,
+                          "original_max_position_embeddings": r.original_seq_len}
   raise FormatError(f"model.rope_scaling.kind={r.kind!r} has no equivalent in the "
                     f"{fmt.model_type} format (HF's 'dynamic' NTK changes with the sequence "
-                    "length); use linear or yarn")
+                    f"length); use {', '.join(k for k in fmt.rope if k != 'none')}")
 
 
 def _rope_from_hf(hf_cfg: dict, fmt: Format, where: str):
@@ -223,15 +363,30 @@ def _rope_from_hf(hf_cfg: dict, fmt: Format, where: str):
   if fmt is DEEPSEEK_V3 and kind != "yarn" and rp.get("mscale_all_dim"):
     raise FormatError(f"{where}: mscale_all_dim with rope type {kind!r} is not supported "
                       "(fmjax sharpens the softmax for yarn only)")
+  if kind in ROPE_KEYS:
+    extra = sorted(set(rp) - {"rope_type", "type", "rope_theta", "partial_rotary_factor",
+                              *ROPE_KEYS[kind]})
+    if extra:
+      raise FormatError(f"{where}: rope scaling field {extra[0]}={rp[extra[0]]!r} is not "
+                        f"understood for rope type {kind!r}; nothing is dropped silently")
   if kind == "default":
     return theta, none
   factor = rp.get("factor")
+  if kind == "llama3" and kind in fmt.rope:
+    for key in ROPE_KEYS["llama3"]:
+      if rp.get(key) is None:
+        raise FormatError(f"{where}: llama3 rope scaling without {key}")
+    return theta, dict(none, kind="llama3", factor=float(factor),
+                       original_seq_len=int(rp["original_max_position_embeddings"]),
+                       low_freq_factor=float(rp["low_freq_factor"]),
+                       high_freq_factor=float(rp["high_freq_factor"]))
   if kind == "linear" and factor:
     return theta, dict(none, kind="linear", factor=float(factor))
   if kind != "yarn":
     what = "linear rope scaling without a factor" if kind == "linear" else (
         f"rope scaling type {kind!r}")
-    raise FormatError(f"{where}: {what} is not supported; fmjax has linear and yarn")
+    raise FormatError(f"{where}: {what} is not supported; fmjax has "
+                      f"{', '.join(k for k in fmt.rope if k != 'none')}")
   if rp.get("truncate", True) is False:
     raise FormatError(f"{where}: yarn with truncate=false is not supported")
   original = int(rp["original_max_position_embeddings"])

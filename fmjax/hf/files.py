@@ -17,7 +17,7 @@ import numpy as np
 import sentencepiece as spm
 
 from fmjax import config as config_lib
-from fmjax.hf.config_map import MOE_FIELDS, MOE_IMPORTED, MOE_ROUTING, model_fields, to_hf_config
+from fmjax.hf.config_map import MOE_FUNCTION, model_fields, to_hf_config
 from fmjax.hf.layout import _lead, _slices, from_hf, hf_shape, to_hf
 from fmjax.hf.safetensors_files import INDEX, WEIGHTS, DTYPES, FormatError, Reader, Writer, read_json
 from fmjax.hf.tables import DERIVED, format_for, hf_names, tensor_table
@@ -130,7 +130,7 @@ def _flat(fields):
       for k in keys:
         yield f"rope_scaling.{k}", value[k]
     elif name == "moe":  # what the checkpoint's function depends on
-      for k in (*MOE_FIELDS, *MOE_ROUTING, *MOE_IMPORTED):
+      for k in (*MOE_FUNCTION, "balance") if value["balance"] == "aux_free" else MOE_FUNCTION:
         yield f"moe.{k}", value[k]
     elif name != "head_dim" or fields["attention"] == "gqa":
       yield name, value
@@ -145,7 +145,7 @@ def arrays(directory: str, m=None) -> Iterator[tuple[str, np.ndarray]]:
   hf_cfg = read_json(os.path.join(os.path.expanduser(directory), "config.json"))
   interleaved = hf_cfg.get("rope_interleave", True)
   for t, shape in table:
-    x = np.empty(shape, np.float32)
+    x = np.empty(shape, np.float32) if t.hf else np.zeros(shape, np.float32)  # not stored
     one = shape[_lead(t):]
     for name, idx in _slices(t, shape, m):
       y = from_hf(t, reader.get(name), one, m, interleaved)

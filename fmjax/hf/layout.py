@@ -3,6 +3,7 @@
   - HF linear weights are (out, in); fmjax's are (in..., out...): a reshape and
     a transpose (`Tensor.n_in` is how many leading dims are the input);
   - fmjax stacks layers along a leading axis; HF names each layer's tensor;
+  - a bias over heads x head dim is one vector in HF (`Tensor.flat`);
   - DeepSeek-V3 checkpoints store the rotary dims of the query and of the
     shared rotary key interleaved (pairs 2i, 2i+1), fmjax in rotate-half
     order (i, i + R/2): `Tensor.rope` permutes those columns.
@@ -30,6 +31,8 @@ def _permute_rope(x: np.ndarray, R: int, to_hf: bool) -> np.ndarray:
 
 def hf_shape(t: Tensor, shape: tuple) -> tuple:
   """The HF shape of one layer's slice of shape `shape`."""
+  if t.flat:
+    return (math.prod(shape),)
   return (math.prod(shape[t.n_in:]), math.prod(shape[:t.n_in])) if t.n_in else tuple(shape)
 
 
@@ -39,7 +42,7 @@ def to_hf(t: Tensor, x: np.ndarray, m) -> np.ndarray:
     x = _permute_rope(x, m.qk_rope_head_dim, to_hf=True)
   if t.n_in:
     x = x.reshape(hf_shape(t, x.shape)[::-1]).T
-  return np.ascontiguousarray(x)
+  return np.ascontiguousarray(x.reshape(hf_shape(t, x.shape)) if t.flat else x)
 
 
 def from_hf(t: Tensor, y: np.ndarray, shape: tuple, m, interleaved: bool) -> np.ndarray:

@@ -1,11 +1,23 @@
-"""Hugging Face checkpoint formats as tables: the Llama and DeepSeek-V3 config keys and tensors.
+"""Hugging Face checkpoint formats as tables: config keys and tensors of each family.
 
 A format is two tables: model config fields (fmjax name -> HF config key) and tensors
 (`Tensor`: an fmjax parameter -> an HF tensor name, with how the layout changes, applied by
-fmjax/hf/layout.py). Grouped-query models are `LlamaForCausalLM`; MLA models are
-`DeepseekV3ForCausalLM`: all dense (`first_k_dense_replace` = `num_hidden_layers`) or a
-mixture of experts after the first `model.moe.first_k_dense` layers. fmjax's dense and MoE
-layer stacks (params['layers'], params['moe_layers']) map to HF's layer numbers.
+fmjax/hf/layout.py). Each family's architectural features are fmjax model settings that
+its `Format.model` pins (`attention_bias`, `qk_norm`, `sliding_window`, the MoE routing);
+the forward pass knows the settings, never the family. Grouped-query families:
+
+  llama       LlamaForCausalLM (Llama 2, 3.x; rope scaling linear, yarn or llama3)
+  qwen2       Qwen2ForCausalLM (Qwen2.5): biases on q, k and v
+  qwen3       Qwen3ForCausalLM: RMSNorm over each query and key head
+  mistral     MistralForCausalLM: a sliding window
+  qwen3_moe   Qwen3MoeForCausalLM: qwen3's attention, softmax top-k experts, no shared one
+  mixtral     MixtralForCausalLM: softmax top-k experts (normalised), a sliding window
+
+MLA models are `DeepseekV3ForCausalLM`: all dense (`first_k_dense_replace` =
+`num_hidden_layers`) or a mixture of experts after the first `model.moe.first_k_dense`
+layers. fmjax's dense and MoE layer stacks (params['layers'], params['moe_layers']) map to
+HF's layer numbers. An export takes the first format (in FORMATS' order) whose pinned
+settings the model has.
 """
 
 from __future__ import annotations
@@ -21,27 +33,36 @@ from fmjax.nn.params import leaves_with_names
 @dataclasses.dataclass(frozen=True)
 class Tensor:
   param: str  # dotted fmjax parameter name, e.g. "layers.wq"
-  hf: str  # HF tensor name; "{i}" is the layer of a parameter stacked along "layers"
+  hf: str  # HF tensor name; "{i}" is the layer of a parameter stacked along "layers"; "": none
   n_in: int = 0  # a linear weight whose first n_in dims (per layer) are its input; 0: same layout
   rope: bool = False  # the last qk_rope_head_dim dims of the last axis are rotary
+  flat: bool = False  # HF holds it as one vector (a bias of heads x head dim)
 
 
-def _layer_tensors(stack: str, kind: str, m) -> list[Tensor]:
+def _swiglu(s: str, param: str, hf: str, names=("gate", "up", "down"), suffix="_proj"):
+  """Gate, up and down projections."""
+  return [Tensor(s + param + w, hf + h + suffix + ".weight", n_in=1)
+          for w, h in zip(("gate", "up", "down"), names)]
+
+
+def _layer_tensors(stack: str, kind: str, m, fmt) -> list[Tensor]:
   """The norms and feed-forward block of the layers of one stack ('layers' or 'moe_layers')."""
   layer, s = "model.layers.{i}.", stack + "."
   out = [Tensor(s + "attn_norm", layer + "input_layernorm.weight"),
          Tensor(s + "mlp_norm", layer + "post_attention_layernorm.weight")]
-
-  def swiglu(param: str, hf: str) -> list[Tensor]:  # gate, up and down projections
-    return [Tensor(s + param + w, hf + w + "_proj.weight", n_in=1) for w in ("gate", "up", "down")]
   if kind == "dense":
-    return out + swiglu("w_", layer + "mlp.")
-  mlp = layer + "mlp."  # "{e}" is the routed expert
+    return out + _swiglu(s, "w_", layer + "mlp.")
+  if fmt.moe == "mixtral":  # "{e}" is the routed expert
+    mlp = layer + "block_sparse_moe."
+    return out + [Tensor(s + "router", mlp + "gate.weight", n_in=1),
+                  Tensor(s + "router_bias", "")] + _swiglu(
+                      s, "w_", mlp + "experts.{e}.", names=("w1", "w3", "w2"), suffix="")
+  mlp = layer + "mlp."
+  bias = mlp + "gate.e_score_correction_bias" if fmt.moe == "deepseek" else ""
   out += [Tensor(s + "router", mlp + "gate.weight", n_in=1),
-          Tensor(s + "router_bias", mlp + "gate.e_score_correction_bias")
-          ] + swiglu("w_", mlp + "experts.{e}.")
+          Tensor(s + "router_bias", bias)] + _swiglu(s, "w_", mlp + "experts.{e}.")
   if m.moe.n_shared_experts:  # n_shared experts of width F: one SwiGLU of width n_shared * F
-    out += swiglu("shared_", mlp + "shared_experts.")
+    out += _swiglu(s, "shared_", mlp + "shared_experts.")
   return out
 
 
@@ -52,14 +73,22 @@ def _ends(m) -> tuple[list[Tensor], list[Tensor]]:
   return [Tensor("embed", "model.embed_tokens.weight")], last
 
 
-def _llama_tensors(m) -> list[Tensor]:
+def _gqa_tensors(m, fmt) -> list[Tensor]:
   a = "model.layers.{i}.self_attn."
-  first, last = _ends(m)
-  return first + [Tensor(f"layers.w{x}", a + f"{x}_proj.weight", n_in=2 if x == "o" else 1)
-                  for x in "qkvo"] + _layer_tensors("layers", "dense", m) + last
+  out, last = _ends(m)
+  for kind in model_lib.stack_sizes(m):  # dense layers first, then the MoE layers
+    s = model_lib.STACKS[kind] + "."
+    out += [Tensor(s + f"w{x}", a + f"{x}_proj.weight", n_in=2 if x == "o" else 1)
+            for x in "qkvo"]
+    if m.attention_bias:
+      out += [Tensor(s + f"b{x}", a + f"{x}_proj.bias", flat=True) for x in "qkv"]
+    if m.qk_norm:
+      out += [Tensor(s + f"{x}_head_norm", a + f"{x}_norm.weight") for x in "qk"]
+    out += _layer_tensors(s[:-1], kind, m, fmt)
+  return out + last
 
 
-def _deepseek_tensors(m) -> list[Tensor]:
+def _deepseek_tensors(m, fmt) -> list[Tensor]:
   a = "model.layers.{i}.self_attn."
   out, last = _ends(m)
   for kind in model_lib.stack_sizes(m):  # dense layers first, then the MoE layers
@@ -73,7 +102,7 @@ def _deepseek_tensors(m) -> list[Tensor]:
     out += [Tensor(s + "wkv_a", a + "kv_a_proj_with_mqa.weight", n_in=1, rope=True),
             Tensor(s + "kv_norm", a + "kv_a_layernorm.weight"),
             Tensor(s + "wkv_b", a + "kv_b_proj.weight", n_in=1),
-            Tensor(s + "wo", a + "o_proj.weight", n_in=2)] + _layer_tensors(s[:-1], kind, m)
+            Tensor(s + "wo", a + "o_proj.weight", n_in=2)] + _layer_tensors(s[:-1], kind, m, fmt)
   return out + last
 
 
@@ -83,34 +112,76 @@ class Format:
   architecture: str
   attention: str  # the fmjax model.attention it holds
   fields: dict  # fmjax model field -> HF config key, copied as they are
-  unused: tuple  # fmjax model fields this attention kind does not read
-  tensors: Callable  # m -> [Tensor]
+  unused: tuple  # fmjax model fields this format does not read
+  tensors: Callable  # (m, format) -> [Tensor]
   fixed: dict  # HF config values the format writes, and requires when reading
+  model: dict = dataclasses.field(default_factory=dict)  # fmjax model settings it pins
+  moe: str | None = None  # its mixture of experts: 'deepseek', 'qwen3_moe', 'mixtral'; None
+  rope: tuple = ("none", "linear", "yarn", "llama3")  # the rope_scaling kinds it holds
+  # HF config keys it reads and writes beyond `fields` and `fixed` (config_map handles them)
+  keys: tuple = ()
 
 
 SHARED_FIELDS = {"vocab_size": "vocab_size", "d_model": "hidden_size",
                  "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
                  "d_ff": "intermediate_size", "tie_embeddings": "tie_word_embeddings",
                  "norm_eps": "rms_norm_eps"}
+GQA_FIELDS = dict(SHARED_FIELDS, n_kv_heads="num_key_value_heads", head_dim="head_dim")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
               "v_head_dim")
+GQA_OPTIONS = ("attention_bias", "qk_norm", "sliding_window")  # what MLA has none of
+PLAIN = dict(attention_bias=False, qk_norm=False, sliding_window=0)
+QWEN = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
 
 LLAMA = Format(
-    model_type="llama", architecture="LlamaForCausalLM", attention="gqa",
-    fields=dict(SHARED_FIELDS, n_kv_heads="num_key_value_heads", head_dim="head_dim"),
-    unused=MLA_FIELDS, tensors=_llama_tensors,
-    fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False})
+    model_type="llama", architecture="LlamaForCausalLM", attention="gqa", fields=GQA_FIELDS,
+    unused=MLA_FIELDS, tensors=_gqa_tensors, model=PLAIN,
+    fixed={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+           "pretraining_tp": 1})
+
+QWEN2 = Format(
+    model_type="qwen2", architecture="Qwen2ForCausalLM", attention="gqa", fields=GQA_FIELDS,
+    unused=MLA_FIELDS, tensors=_gqa_tensors, model=dict(PLAIN, attention_bias=True),
+    fixed={"hidden_act": "silu", "use_sliding_window": False}, keys=QWEN)
+
+QWEN3 = Format(
+    model_type="qwen3", architecture="Qwen3ForCausalLM", attention="gqa", fields=GQA_FIELDS,
+    unused=MLA_FIELDS, tensors=_gqa_tensors, model=dict(PLAIN, qk_norm=True),
+    fixed={"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False},
+    keys=QWEN)
+
+MISTRAL = Format(
+    model_type="mistral", architecture="MistralForCausalLM", attention="gqa",
+    fields=dict(GQA_FIELDS, sliding_window="sliding_window"), unused=MLA_FIELDS,
+    tensors=_gqa_tensors, model=dict(attention_bias=False, qk_norm=False),
+    fixed={"hidden_act": "silu"})
+
+QWEN3_MOE = Format(
+    model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", attention="gqa",
+    fields=GQA_FIELDS, unused=MLA_FIELDS, tensors=_gqa_tensors, model=dict(PLAIN, qk_norm=True),
+    fixed={"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False,
+           "decoder_sparse_step": 1}, moe="qwen3_moe", keys=QWEN[:3] + ("mlp_only_layers",))
+
+MIXTRAL = Format(
+    model_type="mixtral", architecture="MixtralForCausalLM", attention="gqa",
+    # intermediate_size is the experts' width: d_ff is not held (every layer is MoE)
+    fields=dict({k: v for k, v in GQA_FIELDS.items() if k != "d_ff"},
+                sliding_window="sliding_window"), unused=MLA_FIELDS + ("d_ff",),
+    tensors=_gqa_tensors, model=dict(attention_bias=False, qk_norm=False),
+    fixed={"hidden_act": "silu", "router_jitter_noise": 0.0}, moe="mixtral")
 
 DEEPSEEK_V3 = Format(
     model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM", attention="mla",
     fields=dict(SHARED_FIELDS, **{f: f for f in MLA_FIELDS}),
-    unused=("n_kv_heads", "head_dim"), tensors=_deepseek_tensors,
+    unused=("n_kv_heads", "head_dim"), tensors=_deepseek_tensors, model=PLAIN, moe="deepseek",
+    rope=("none", "linear", "yarn"),
     # HF DeepSeek-V3 normalizes the MLA latents with eps 1e-6 whatever rms_norm_eps is,
     # so a model converts exactly only with norm_eps 1e-6.
     fixed={"hidden_act": "silu", "attention_bias": False, "rms_norm_eps": 1e-6})
 
-FORMATS = {f.model_type: f for f in (LLAMA, DEEPSEEK_V3)}
-BY_ATTENTION = {f.attention: f for f in FORMATS.values()}
+# In the order an export tries them.
+FORMATS = {f.model_type: f for f in (LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE, MIXTRAL,
+                                     DEEPSEEK_V3)}
 
 
 # HF tensors that are derived, not learned: read by nobody, dropped by nobody.
@@ -118,14 +189,21 @@ DERIVED = ("rotary_emb.inv_freq",)
 
 
 def format_for(m) -> Format:
-  return BY_ATTENTION[m.attention]
+  """The format an export of model config `m` writes: the first whose pinned settings `m`
+  has (fmjax.hf.config_map.check_model says what else it cannot hold)."""
+  moe = bool(m.moe.n_routed_experts)
+  fits = [f for f in FORMATS.values() if f.attention == m.attention and
+          (f.moe is not None or not moe) and all(m[k] == v for k, v in f.model.items())]
+  if not fits:  # the first of its attention kind names what it lacks
+    return next(f for f in FORMATS.values() if f.attention == m.attention)
+  return next((f for f in fits if (f.moe is not None) == moe), fits[0])
 
 
 def tensor_table(m, decls) -> list[tuple[Tensor, tuple]]:
   """[(row, fmjax shape)] covering every parameter in `decls` exactly once."""
   fmt = format_for(m)
   shapes = {name: p.shape for name, p in leaves_with_names(decls)}
-  rows = fmt.tensors(m)
+  rows = fmt.tensors(m, fmt)
   missing = sorted(set(shapes) - {r.param for r in rows})
   if missing:
     raise FormatError(f"fmjax parameter {missing[0]} has no place in the {fmt.model_type} "
@@ -136,6 +214,8 @@ def tensor_table(m, decls) -> list[tuple[Tensor, tuple]]:
 def hf_names(t: Tensor, m) -> list[str]:
   """The HF tensor names of a row, in the order of `np.ndindex(shape[:_lead(t)])`: one per
   layer of a stacked parameter (its stack's layers), and per expert within it."""
+  if not t.hf:  # not stored (an MoE router bias that format has not)
+    return []
   if "{i}" not in t.hf:
     return [t.hf]
   stack = t.param.split(".")[0]

@@ -16,6 +16,11 @@ attends to padding, so no row is empty. `model.attention_impl` picks how:
           and segment ids. TPUs; interpreted on CPUs.
   auto    the fastest exact one the backend has (`AUTO`).
 
+With `model.sliding_window` = W > 0, a query at position t also sees only
+keys at positions > t - W (Mistral's window; W keys, its own included): xla
+in its mask, cudnn through `local_window_size`, splash with a `LocalMask`.
+The Pallas GPU kernel has no window, so fmjax.validate refuses it with one.
+
 Values may have another head dim than queries and keys (MLA): splash takes
 that as it is, cudnn and pallas get values zero-padded to the query head dim
 (the padded output columns are zero and are cut off). Grouped-query heads:
@@ -63,10 +68,14 @@ def _cudnn_unsupported(dtype: str, head_dim: int) -> str | None:
   return None
 
 
-def unavailable(impl: str, backend: str, dtype: str, head_dim: int) -> str | None:
+def unavailable(impl: str, backend: str, dtype: str, head_dim: int,
+                window: int = 0) -> str | None:
   """Why `impl` cannot run here (None if it can): the end of a one-line config error."""
   if impl == "auto":
     return None
+  if impl == "pallas" and window:
+    return (f"has no sliding window (model.sliding_window={window}): jax's Pallas GPU "
+            "flash-attention kernel masks by segment and causality only; use cudnn or xla")
   if backend not in BACKENDS[impl]:
     have = ", ".join(b for b in BACKENDS[impl])
     return (f"is not available on the {backend} backend (it runs on: {have}); "
@@ -74,37 +83,45 @@ def unavailable(impl: str, backend: str, dtype: str, head_dim: int) -> str | Non
   return _cudnn_unsupported(dtype, head_dim) if impl == "cudnn" else None
 
 
-def resolve(impl: str, backend: str, dtype: str, head_dim: int) -> str:
+def resolve(impl: str, backend: str, dtype: str, head_dim: int, window: int = 0) -> str:
   """The implementation `impl` names here: `auto` becomes AUTO[backend], or pallas
-  on a GPU where cuDNN cannot take the dtype or head dim."""
+  on a GPU where cuDNN cannot take the dtype or head dim (xla with a sliding window)."""
   if impl != "auto":
     return impl
   impl = AUTO.get(backend, "xla")
   if impl == "cudnn" and _cudnn_unsupported(dtype, head_dim):
-    impl = "pallas"
+    impl = "xla" if window else "pallas"
   return impl
 
 
 def _impl(spec, q_BTNH) -> str:
   return resolve(spec.model.attention_impl, jax.default_backend(), jnp.dtype(q_BTNH.dtype).name,
-                 q_BTNH.shape[-1])
+                 q_BTNH.shape[-1], spec.model.sliding_window)
 
 
 # --- the reference ------------------------------------------------------------------------
 
 
-def segment_mask(segment_ids_BT) -> jax.Array:
-  """(B, 1, T, T): causal, and only within the same packed document."""
+def segment_mask(segment_ids_BT, window: int = 0) -> jax.Array:
+  """(B, 1, T, T): causal, only within the same packed document, and with
+  `window` > 0 only the last `window` positions."""
   T = segment_ids_BT.shape[1]
   causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
+  if window:
+    causal_TT = causal_TT & ~jnp.tril(jnp.ones((T, T), dtype=bool), -window)
   same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   return (causal_TT[None] & same_BTT)[:, None]
 
 
-def cache_mask(positions_BT, num_slots: int) -> jax.Array:
-  """(B, 1, T, S): slot s is visible to a query at position t iff s <= t."""
-  slots_S = jnp.arange(num_slots, dtype=positions_BT.dtype)
-  return (slots_S[None, None, :] <= positions_BT[:, :, None])[:, None]
+def cache_mask(positions_BT, num_slots: int, window: int = 0) -> jax.Array:
+  """(B, 1, T, S): slot s is visible to a query at position t iff s <= t (and,
+  with `window` > 0, s > t - window)."""
+  slots_S = jnp.arange(num_slots, dtype=positions_BT.dtype)[None, None, :]
+  t_BT1 = positions_BT[:, :, None]
+  visible = slots_S <= t_BT1
+  if window:
+    visible = visible & (slots_S > t_BT1 - window)
+  return visible[:, None]
 
 
 def xla(q_BTNH, k_BSKH, v_BSKG, mask_B1TS, scale: float) -> jax.Array:
@@ -152,16 +169,17 @@ def _pad_rows(q_BTNH, k_BTNH, v_BTNG, segment_ids_BT, tile: int):
           jnp.pad(segment_ids_BT, ((0, 0), (0, Tp - T)), constant_values=-1))
 
 
-def _cudnn(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float):
+def _cudnn(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0):
   H, G = q_BTNH.shape[-1], v_BTKG.shape[-1]
   same_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
   out_BTNH = jax.nn.dot_product_attention(
       q_BTNH, k_BTKH, _pad_value_dim(v_BTKG, H), mask=same_B1TT, scale=scale, is_causal=True,
-      implementation="cudnn")
+      local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
   return out_BTNH[..., :G]
 
 
-def _pallas(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float):
+def _pallas(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0):
+  assert not window, "fmjax.validate refuses a sliding window with the pallas kernel"
   # Imported here: Pallas loads its GPU lowering, which a CPU-only run of fmjax never needs.
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   B, T, N, H = q_BTNH.shape
@@ -181,12 +199,13 @@ def _pallas(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float):
 SPLASH_TILE = 128  # splash blocks are whole multiples of the TPU's 128 lanes
 
 
-def _splash_kernel(N: int, T: int, interpret: bool):
+def _splash_kernel(N: int, T: int, interpret: bool, window: int = 0):
   # Imported here: the TPU kernel library is needed only where splash is chosen.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   tile = SPLASH_TILE
-  mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(N)])
+  one = sm.LocalMask((T, T), (window - 1, 0), offset=0) if window else sm.CausalMask((T, T))
+  mask = sm.MultiHeadMask([one for _ in range(N)])
   blocks = sk.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile, block_q_dkv=tile,
                          block_kv_dkv=tile, block_kv_dkv_compute=tile, block_q_dq=tile,
                          block_kv_dq=tile)
@@ -194,12 +213,12 @@ def _splash_kernel(N: int, T: int, interpret: bool):
                                 interpret=interpret)
 
 
-def _splash(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float):
+def _splash(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0):
   B, T, N, H = q_BTNH.shape
   k_BTNH, v_BTNG = _repeat_heads(k_BTKH, N), _repeat_heads(v_BTKG, N)
   q, k, v, seg = _pad_rows(q_BTNH * jnp.asarray(scale, q_BTNH.dtype), k_BTNH, v_BTNG,
                            segment_ids_BT, SPLASH_TILE)
-  sk, kernel = _splash_kernel(N, q.shape[1], jax.default_backend() == "cpu")
+  sk, kernel = _splash_kernel(N, q.shape[1], jax.default_backend() == "cpu", window)
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   out_BNTG = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
       heads_first(q), heads_first(k), heads_first(v), seg)
@@ -212,7 +231,7 @@ KERNELS = {"cudnn": _cudnn, "pallas": _pallas, "splash": _splash}
 def _sharded(kernel, q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale, spec):
   """Runs a kernel on each device's rows and heads under the current mesh (if any)."""
   mesh = jax.sharding.get_abstract_mesh()
-  fn = functools.partial(kernel, scale=scale)
+  fn = functools.partial(kernel, scale=scale, window=spec.model.sliding_window)
   if mesh.empty:
     return fn(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT)
   rules = spec.activations
@@ -233,17 +252,19 @@ def attend(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, spec) -> jax.Ar
   """Causal self-attention within each packed document of a row: (B, T, N, G)."""
   impl = _impl(spec, q_BTNH)
   if impl == "xla":
-    return xla(q_BTNH, k_BTKH, v_BTKG, segment_mask(segment_ids_BT), scale)
+    return xla(q_BTNH, k_BTKH, v_BTKG, segment_mask(segment_ids_BT, spec.model.sliding_window),
+               scale)
   return _sharded(KERNELS[impl], q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale, spec)
 
 
 def attend_cached(q_BTNH, k_BSKH, v_BSKG, positions_BT, scale: float, spec) -> jax.Array:
   """Queries at `positions_BT` against a cache whose slot s holds position s: (B, T, N, G)."""
   H, G = q_BTNH.shape[-1], v_BSKG.shape[-1]
-  if q_BTNH.shape[1] == 1 and _impl(spec, q_BTNH) == "cudnn" and not _cudnn_unsupported(
-      jnp.dtype(q_BTNH.dtype).name, H):
+  window = spec.model.sliding_window  # cuDNN's padding mask has no window: XLA decodes those
+  if (q_BTNH.shape[1] == 1 and not window and _impl(spec, q_BTNH) == "cudnn"
+      and not _cudnn_unsupported(jnp.dtype(q_BTNH.dtype).name, H)):
     out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, _pad_value_dim(v_BSKG, H), scale=scale,
         key_value_seq_lengths=positions_BT[:, 0].astype(jnp.int32) + 1, implementation="cudnn")
     return out_BTNH[..., :G]
-  return xla(q_BTNH, k_BSKH, v_BSKG, cache_mask(positions_BT, k_BSKH.shape[1]), scale)
+  return xla(q_BTNH, k_BSKH, v_BSKG, cache_mask(positions_BT, k_BSKH.shape[1], window), scale)

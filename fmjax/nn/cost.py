@@ -17,7 +17,8 @@ from fmjax.nn.spec import head_dim
 
 
 def _attention_sizes(m) -> tuple[int, int, int]:
-  """(weights in matrices, extra norm scales, per-key multiply-adds) of one layer's attention.
+  """(weights in matrices, extra vectors (norm scales, biases), per-key multiply-adds) of one
+  layer's attention.
 
   The last is what one query spends per key over all heads: q.k and p.v.
   """
@@ -29,7 +30,8 @@ def _attention_sizes(m) -> tuple[int, int, int]:
     matrices = query + D * (C + R) + C * N * (m.qk_nope_head_dim + dv) + N * dv * D
     return matrices, Q + C, N * (qk + dv)
   K, H = m.n_kv_heads, head_dim(m)
-  return D * N * H + 2 * D * K * H + N * H * D, 0, 2 * N * H
+  vectors = (N + 2 * K) * H * m.attention_bias + 2 * H * m.qk_norm
+  return D * N * H + 2 * D * K * H + N * H * D, vectors, 2 * N * H
 
 
 def _feed_forward_sizes(m, kind: str) -> tuple[int, int, int]:
@@ -83,9 +85,10 @@ def flops_per_token(m, seq_len: int, training: bool = True, attention: str = "sq
   compute them (the causal half is masked, not skipped); "causal" counts the
   query's own key and those before it, (T + 1) / 2 on average, which is what
   a kernel that skips the masked half computes, and the figure MFU is quoted
-  against. Both count over the whole row: in a packed row, keys of earlier
-  documents count too, though segment masking hides them. MLA is counted in
-  its expanded form, as training runs it. An MoE layer counts its router and
+  against (with model.sliding_window, the keys inside the window). Both count
+  over the whole row: in a packed row, keys of earlier documents count too,
+  though segment masking hides them. MLA is counted in its expanded form, as
+  training runs it. An MoE layer counts its router and
   the K routed experts a token uses (plus shared ones), not all E. Each
   multi-token prediction depth adds its projection, one dense layer and the
   unembedding.
@@ -94,12 +97,19 @@ def flops_per_token(m, seq_len: int, training: bool = True, attention: str = "sq
     raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_COUNTS}")
   D, V = m.d_model, m.vocab_size
   _, _, per_key = _attention_sizes(m)
-  keys = seq_len if attention == "square" else (seq_len + 1) / 2
+  keys = seq_len if attention == "square" else _causal_keys(seq_len, m.sliding_window)
   layer_macs = lambda kind: _layer_sizes(m, kind)[2] + keys * per_key
   macs = sum(layer_macs(kind) for kind in model.layer_kinds(m)) + D * V
   macs += m.mtp_depth * (2 * D * D + layer_macs("dense") + D * V)
   forward = 2 * macs
   return 3 * forward if training else forward
+
+
+def _causal_keys(T: int, window: int) -> float:
+  """Keys a query sees on average in a causal row of T, with a sliding window if > 0."""
+  if not window or window >= T:
+    return (T + 1) / 2
+  return (window * (window + 1) / 2 + (T - window) * window) / T
 
 
 def cache_bytes_per_token(m) -> int:

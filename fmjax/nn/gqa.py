@@ -1,6 +1,10 @@
 """Grouped-query attention (`model.attention = 'gqa'`).
 
 N query heads share K key/value heads; rotary embeddings on the whole head.
+Options (model section): `attention_bias` adds biases to the query, key and
+value projections (Qwen2.5); `qk_norm` RMS-normalizes each query and key head
+(learned scale per head dim) before the rotary embedding (Qwen3);
+`sliding_window` limits each query to its last W positions (fmjax/nn/attention.py).
 The decoding cache holds each layer's keys and values:
 2 x K x H numbers per token per layer.
 
@@ -19,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.nn import attention, layers, rope
-from fmjax.nn.params import Param, normal, zeros
+from fmjax.nn import params as params_lib
+from fmjax.nn.params import Param, normal, ones, zeros
 from fmjax.nn.sharding import constrain
 from fmjax.nn.spec import head_dim
 
@@ -29,12 +34,22 @@ CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
 def decls(m) -> dict:
   D, L, N, K, H = m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, head_dim(m)
   std, out_std = m.init_std, m.init_std / math.sqrt(2 * L)
-  return {
+  out = {
       "wq": Param((L, D, N, H), ("layers", "embed", "heads", "head_dim"), normal(std)),
       "wk": Param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), normal(std)),
       "wv": Param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), normal(std)),
       "wo": Param((L, N, H, D), ("layers", "heads", "head_dim", "embed"), normal(out_std)),
   }
+  if m.attention_bias:
+    out.update({
+        "bq": Param((L, N, H), ("layers", "heads", "head_dim"), zeros),
+        "bk": Param((L, K, H), ("layers", "kv_heads", "head_dim"), zeros),
+        "bv": Param((L, K, H), ("layers", "kv_heads", "head_dim"), zeros),
+    })
+  if m.qk_norm:
+    out.update({"q_head_norm": Param((L, H), ("layers", "head_dim"), ones),
+                "k_head_norm": Param((L, H), ("layers", "head_dim"), ones)})
+  return out
 
 
 def cache_decls(m, batch: int, length: int) -> dict:
@@ -61,11 +76,20 @@ def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, ab
   q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, p["wq"].astype(dt))
   k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, p["wk"].astype(dt))
   v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, p["wv"].astype(dt))
+  if m.attention_bias:
+    q_BTNH = q_BTNH + p["bq"].astype(dt)
+    k_BTKH = k_BTKH + p["bk"].astype(dt)
+    v_BTKH = v_BTKH + p["bv"].astype(dt)
   q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"), rules)
   k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"), rules)
+  if m.qk_norm:
+    q_BTNH = layers.rms_norm(q_BTNH, p["q_head_norm"], m.norm_eps)
+    k_BTKH = layers.rms_norm(k_BTKH, p["k_head_norm"], m.norm_eps)
   q_BTNH = rope.apply(q_BTNH, cos, sin)
   k_BTKH = rope.apply(k_BTKH, cos, sin)
-  scale = q_BTNH.shape[-1]**-0.5 * rope.softmax_scale_factor(m.rope_scaling)
+  # The softmax scale: 1/sqrt(head dim) (1/head dim under µP), times YaRN's sharpening.
+  scale = params_lib.attention_scale(m, q_BTNH.shape[-1]) * rope.softmax_scale_factor(
+      m.rope_scaling)
   if cache is None:
     o_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, scale, spec)
   else:

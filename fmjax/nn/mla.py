@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.nn import attention, layers, rope
+from fmjax.nn import params as params_lib
 from fmjax.nn.params import Param, normal, ones, zeros
 from fmjax.nn.sharding import constrain
 
@@ -70,8 +71,8 @@ def rope_dim(m) -> int:
 
 
 def softmax_scale(m) -> float:
-  return (m.qk_nope_head_dim + m.qk_rope_head_dim)**-0.5 * rope.softmax_scale_factor(
-      m.rope_scaling)
+  return params_lib.attention_scale(m, m.qk_nope_head_dim + m.qk_rope_head_dim) * \
+      rope.softmax_scale_factor(m.rope_scaling)
 
 
 def queries(p, x_BTD, cos, sin, spec):

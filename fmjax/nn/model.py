@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from fmjax.nn import block as block_lib
 from fmjax.nn import layers, moe, mtp
+from fmjax.nn import params as params_lib
 from fmjax.nn.params import Param, normal, ones
 from fmjax.nn.sharding import constrain
 
@@ -69,7 +70,7 @@ def param_decls(m) -> dict:
     decls["unembed"] = Param((D, V), ("embed", "vocab"), normal(m.init_std))
   if m.mtp_depth:
     decls["mtp"] = mtp.decls(m)
-  return decls
+  return params_lib.parametrize(decls, m)  # SP: as declared; µP: init and LR by role
 
 
 def cache_decls(m, batch: int, length: int) -> dict:
@@ -185,6 +186,8 @@ def unembed(params, h_BTD, spec) -> jax.Array:
     w_DV = params["embed"].T if m.tie_embeddings else params["unembed"]
     logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, w_DV.astype(h_BTD.dtype),
                             preferred_element_type=jnp.float32)
+    if params_lib.is_mup(m):  # µP's output multiplier 1/m (fmjax.nn.params)
+      logits_BTV = logits_BTV * params_lib.logit_multiplier(m)
     return constrain(logits_BTV, ("batch", "seq", "vocab"), rules)
 
 

@@ -15,7 +15,12 @@ Context extension (`model.rope_scaling`), for a model trained at
           `beta_fast` times are kept, with a linear ramp between; and the
           softmax is sharpened by mscale^2, mscale = 0.1 * m * ln(factor) + 1
           (DeepSeek-V3's `softmax_scale * mscale * mscale`; HF's YaRN
-          multiplies cos and sin by mscale, which is the same thing).
+          multiplies cos and sin by mscale, which is the same thing);
+  llama3: (Llama 3.1+) frequencies whose wavelength exceeds original_seq_len /
+          low_freq_factor are divided by factor, those shorter than
+          original_seq_len / high_freq_factor are kept, and between them
+          1/factor and 1 are blended by (original_seq_len / wavelength -
+          low_freq_factor) / (high_freq_factor - low_freq_factor).
 """
 
 from __future__ import annotations
@@ -40,7 +45,17 @@ def inv_frequencies(dim: int, theta: float, scaling) -> np.ndarray:
                                        scaling.original_seq_len)
     keep = 1.0 - np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0.0, 1.0)
     inv_freq = inv_freq / factor * (1.0 - keep) + inv_freq * keep
+  elif kind == "llama3":
+    inv_freq = _llama3(inv_freq, factor, scaling.low_freq_factor, scaling.high_freq_factor,
+                       scaling.original_seq_len)
   return inv_freq.astype(np.float32)
+
+
+def _llama3(inv_freq, factor, low_freq_factor, high_freq_factor, original_seq_len):
+  wavelength = 2 * math.pi / inv_freq
+  keep = (original_seq_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  keep = np.clip(keep, 0.0, 1.0)  # 0 past the low-frequency wavelength, 1 before the high
+  return inv_freq / factor * (1.0 - keep) + inv_freq * keep
 
 
 def _yarn_correction_range(beta_fast, beta_slow, dim, theta, original_seq_len):

@@ -1,7 +1,8 @@
 """What a run's objective adds to the model: parameters, and which of them are trained.
 
 - Parameters: the model's (fmjax.nn.model.param_decls), plus a contrastive
-  `head` for objective 'contrastive' and LoRA adapters under `lora` when
+  `head` for objective 'contrastive', a scalar `head` for 'reward_model' and for
+  PPO's value (objective 'grpo' with rl.advantage 'gae'), and LoRA adapters under `lora` when
   lora.rank > 0. All are declared as `Param`s, so they are created and
   sharded like the model's; a run that starts from another run's checkpoint
   (checkpoint.init_from) restores the model's and initialises these
@@ -15,7 +16,7 @@
 from __future__ import annotations
 
 from fmjax.nn import model
-from fmjax.posttrain import contrastive, lora
+from fmjax.posttrain import contrastive, lora, reward_model
 
 ADDED = ("head", "lora")  # top-level entries that post-training adds to the model's
 
@@ -25,9 +26,17 @@ def param_decls(cfg) -> dict:
   decls = model.param_decls(cfg.model)
   if cfg.objective.name == "contrastive":
     decls["head"] = contrastive.head_decls(cfg)
+  if has_scalar_head(cfg):
+    decls["head"] = reward_model.head_decls(cfg)
   if cfg.lora.rank:
     decls["lora"] = lora.decls(decls, cfg.lora)
   return decls
+
+
+def has_scalar_head(cfg) -> bool:
+  """A reward model's head, or PPO's value head."""
+  o = cfg.objective
+  return o.name == "reward_model" or (o.name == "grpo" and o.rl.advantage == "gae")
 
 
 def is_trained(cfg, top_level_key: str) -> bool:
@@ -51,9 +60,15 @@ def model_shardings(param_shardings):
 
 
 def reference_path(cfg) -> str:
+  if cfg.objective.name == "grpo":
+    return cfg.checkpoint.init_from
   return cfg.objective.dpo.reference or cfg.checkpoint.init_from
 
 
 def needs_reference(cfg) -> bool:
-  """Whether the train step takes the DPO reference's parameters as an input."""
-  return cfg.objective.name == "dpo" and not cfg.objective.dpo.precompute_reference
+  """Whether the train step takes a frozen reference's parameters as an input: DPO's
+  (unless precomputed), or the KL reference of RL (unless its coefficient is 0)."""
+  o = cfg.objective
+  if o.name == "grpo":
+    return o.rl.kl_beta > 0
+  return o.name == "dpo" and not o.dpo.precompute_reference

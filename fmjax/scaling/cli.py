@@ -1,6 +1,8 @@
 """The scaling-law command: fit a table of runs, plot it, and report.
 
   python -m fmjax.scaling fit TABLE --out=DIR [--predict C ...]
+  python -m fmjax.scaling downstream TABLE --metric=TASK/METRIC --out=DIR [--predict C ...]
+  python -m fmjax.scaling plan --records=TABLE --flops=C [--target_loss=L] [--holdout_largest]
 
 TABLE is JSONL or CSV, one row per run: a sweep's records.jsonl, or published
 results. It is read as is: the columns of N (params, N, parameters, model_size,
@@ -17,7 +19,7 @@ import os
 import sys
 
 from fmjax import errors
-from fmjax.scaling import plots
+from fmjax.scaling import downstream, plan, plots
 from fmjax.scaling.fit import PARAMETRIC_NAMES, ColumnError, fit_points, load_points
 
 FLAGS = {"N": "n_column", "D": "d_column", "loss": "loss_column", "C": "c_column"}
@@ -41,7 +43,13 @@ def _fit(argv) -> int:
                  help="resamples for the 90%% intervals of the parameters; 0 for none")
   f.add_argument("--predict", type=float, nargs="*", default=(),
                  help="FLOP budgets to give the compute-optimal N and D for")
+  downstream.add_command(sub)
+  plan.add_command(sub)
   args = parser.parse_args(argv)
+  if args.command == "downstream":
+    return downstream.run_command(args)
+  if args.command == "plan":
+    return plan.run_command(args)
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise errors.UsageError(f"--out={args.out} is a file; name a directory for fit.json and "
                             "the plots")

@@ -407,8 +407,9 @@ class ComputeFit:
     return dataclasses.asdict(self)
 
 
-def fit_compute(C, L, delta: float = 1e-3) -> ComputeFit:
-  """L(C) = E + A/C^gamma by the same Huber-in-log-space method, on points (C, L)."""
+def fit_compute(C, L, delta: float = 1e-3, start: ComputeFit | None = None) -> ComputeFit:
+  """L(C) = E + A/C^gamma by the same Huber-in-log-space method, on points (C, L); from
+  `start` alone if given (a bootstrap refit near the full fit), else from a grid."""
   logC, logL = np.log(C), np.log(L)
   ones = np.zeros_like(logC)
 
@@ -417,7 +418,8 @@ def fit_compute(C, L, delta: float = 1e-3) -> ComputeFit:
     value, g = _parametric_objective(np.array([a, -1e3, e, gamma, 0.0]), logC, ones, logL, delta)
     return value, g[[0, 2, 3]]
 
-  starts = itertools.product((0.0, 5.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.05, 0.2, 0.5))
+  starts = ([(math.log(start.A), math.log(start.E), start.gamma)] if start is not None else
+            itertools.product((0.0, 5.0, 10.0, 20.0), (-1.0, 0.0, 1.0), (0.05, 0.2, 0.5)))
   a, e, gamma = min((optimize.minimize(objective, np.array(x0), jac=True, method="L-BFGS-B",
                                        options=LBFGS_OPTIONS) for x0 in starts),
                     key=lambda res: res.fun).x

@@ -183,6 +183,9 @@ def record(member: Member, workdir: str, budget=None) -> dict:
       "best_eval_loss": min([e[1] for e in evals] + [summary["final_eval_loss"]]),
       "eval_curve": evals, "loss_curve": curve, "wall_time_s": summary.get("wall_time_s"),
       **{k: v for k, v in summary.items() if k.startswith("data_")},
+      # train.eval_suite's last results ({task: metrics, stderr, ...}): the downstream
+      # scores that `python -m fmjax.scaling downstream` fits against loss or compute.
+      **({"suite": summary["suite"]} if summary.get("suite") else {}),
   }
 
 

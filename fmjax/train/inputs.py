@@ -1,10 +1,12 @@
 """What a run reads besides its own checkpoints: its objective's train data and held-out
-batches, the parameters of checkpoint.init_from, and DPO's frozen reference (or that
-reference's log-probabilities, precomputed once)."""
+batches, the parameters of checkpoint.init_from, DPO's frozen reference (or that
+reference's log-probabilities, precomputed once), and RL's reference and reward model."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import os
 
 import jax
@@ -13,10 +15,11 @@ from fmjax.data import pipeline, task_batches
 from fmjax.errors import ConfigError
 from fmjax.hf import files as hf
 from fmjax.nn import model, params as params_lib
-from fmjax.posttrain import dpo
+from fmjax.posttrain import dpo, reward_model as rm, rl as rl_lib
+from fmjax.posttrain import plan
 from fmjax.posttrain.plan import ADDED, model_shardings, reference_path
 from fmjax.runtime import distributed
-from fmjax.train import checkpoint
+from fmjax.train import checkpoint, state as state_lib
 
 
 def datasets(cfg, tokenizer, *, batch_size: int, rows: tuple[int, int], shards: int,
@@ -25,8 +28,11 @@ def datasets(cfg, tokenizer, *, batch_size: int, rows: tuple[int, int], shards: 
   global batch of `batch_size` rows (`rows` and `shards` as in
   fmjax.data.pipeline.host_train_dataset).
 
-  next_token reads data.mixture (fmjax.data.pipeline); sft, dpo and
-  contrastive read the task datasets (fmjax.data.task_batches). Contrastive
+  next_token reads data.mixture (fmjax.data.pipeline); sft, dpo, reward_model,
+  grpo and contrastive read the task datasets (fmjax.data.task_batches) of
+  objective.tasks (reward_model: or the JSONL objective.reward_model.data); grpo
+  reads prompts only, objective.rl.max_new_tokens short of data.seq_len, and
+  its held-out batches are the first objective.rl.eval_prompts validation prompts. Contrastive
   holds out one batch of every validation pair (cut to a multiple of
   `batch_shards`), so its held-out accuracy is recall@1 over all of them.
   """
@@ -50,7 +56,22 @@ def datasets(cfg, tokenizer, *, batch_size: int, rows: tuple[int, int], shards: 
     held_out = list(task_batches.contrastive_batches(
         tokenizer, data_dir, "validation", seq_len=d.seq_len, batch_size=whole, seed=d.seed))
     return train, held_out
-  make = task_batches.sft_batches if name == "sft" else task_batches.dpo_batches
+  names = task_batches.tasks.parse_tasks(cfg.objective.tasks)
+  if name == "grpo":
+    rl = cfg.objective.rl
+    width, prompts = d.seq_len - rl.max_new_tokens, batch_size // rl.group_size
+    train = task_batches.prompt_batches(tokenizer, "train", prompt_len=width, batch_size=prompts,
+                                        seed=d.seed, size=size, task_names=names)
+    n_eval = rl.eval_prompts - rl.eval_prompts % batch_shards
+    held_out = task_batches.prompt_batches(tokenizer, "validation", prompt_len=width,
+                                           batch_size=n_eval, seed=d.seed, task_names=names)
+    return train, list(itertools.islice(held_out, 1))
+  if name == "sft":
+    make = functools.partial(task_batches.sft_batches, task_names=names)
+  else:
+    make = functools.partial(task_batches.dpo_batches, task_names=names,
+                             jsonl=cfg.objective.reward_model.data if name == "reward_model"
+                             else "")
   train = make(tokenizer, "train", seq_len=d.seq_len, batch_size=batch_size, seed=d.seed,
                size=size)
   held_out = make(tokenizer, "validation", seq_len=d.seq_len, batch_size=batch_size, seed=d.seed)
@@ -94,10 +115,10 @@ def frozen_inputs(s, tokenizer, train_ds, held_out: list):
   to their batches, and the reference is dropped.
   """
   cfg = s.cfg
-  if cfg.objective.name != "dpo":
+  if cfg.objective.name != "dpo" and not s.frozen_shardings:
     return train_ds, held_out, {}
   reference = load_reference(cfg, s.state_shardings["params"])
-  if not cfg.objective.dpo.precompute_reference:
+  if cfg.objective.name != "dpo" or not cfg.objective.dpo.precompute_reference:
     return train_ds, held_out, {"reference": reference}
   logps = jax.jit(lambda p, b: dpo.pair_logps(p, b, s.spec),
                   in_shardings=(model_shardings(s.state_shardings["params"]), s.batch_sharding))
@@ -111,3 +132,45 @@ def frozen_inputs(s, tokenizer, train_ds, held_out: list):
         itertools.chain(one_pass, held_out), batch_size)
   attach = dpo.AttachReference(table)
   return train_ds.map(attach), [attach.map(b) for b in held_out], {}
+
+
+def load_reward_model(cfg, s):
+  """rows -> rewards (B,) of the latest checkpoint of the reward_model run
+  objective.rl.reward_model, its parameters sharded over `s`'s mesh by its own
+  config and the policy's sharding rules. ConfigError if there is none."""
+  path = cfg.objective.rl.reward_model
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise ConfigError(f"objective.rl.reward_model={path!r} holds no config.json: point it at "
+                      "the workdir of a reward_model run")
+  rm_cfg = cfg.copy_and_resolve_references()
+  with open(config_path) as f:
+    rm_cfg.update(json.load(f))
+  if rm_cfg.objective.name != "reward_model":
+    raise ConfigError(f"objective.rl.reward_model={path!r} is a {rm_cfg.objective.name!r} "
+                      "run, not a reward_model one")
+  if rm_cfg.model.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(f"objective.rl.reward_model={path!r} has vocab_size "
+                      f"{rm_cfg.model.vocab_size}, the policy {cfg.model.vocab_size}: they "
+                      "must share the tokenizer")
+  rm_cfg.mesh.update(cfg.mesh)
+  rm_cfg.sharding.update(cfg.sharding.to_dict())
+  rm_s = state_lib.setup(rm_cfg, s.mesh)
+  try:
+    checkpoint.latest_checkpoint(checkpoint.run_directory(path, rm_cfg.checkpoint.root))
+  except FileNotFoundError as e:
+    raise ConfigError(f"objective.rl.reward_model={path!r}: {e}") from None
+  params = restore_params(path, rm_s.abstract_state["params"], rm_cfg.model)
+  params = plan.model_params(params, rm_cfg)
+  score = jax.jit(lambda p, r: rm.rewards(p, r["tokens"], r["segment_ids"], r["positions"],
+                                         rm_s.spec))
+  return functools.partial(score, params)
+
+
+def rollouts(s, tokenizer, frozen: dict):
+  """The rollouts of an RL run (fmjax.posttrain.rl.Rollouts), or None for other objectives."""
+  cfg = s.cfg
+  if cfg.objective.name != "grpo":
+    return None
+  scorer = load_reward_model(cfg, s) if cfg.objective.rl.reward_model_weight else None
+  return rl_lib.Rollouts(cfg, s, tokenizer, frozen, scorer)

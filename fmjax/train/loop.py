@@ -24,6 +24,11 @@ disk: the half-written save is removed), device memory running out
 be read or has no documents (DataError). Checkpoints already complete are
 never touched by such a failure.
 
+Besides the held-out loss (every train.eval_every steps), train.eval_suite runs an
+evaluation suite (fmjax.evaluation) on the live parameters on the training mesh:
+at the end, and every train.eval_suite_every steps. Its data is read before the
+first step, so a bad suite stops the run before anything is written.
+
 With several processes (fmjax.runtime.distributed), each reads the rows of the batch
 its devices hold; only process 0 writes records, plots and console output;
 all of them save and restore checkpoints together. SIGTERM, Ctrl-C or the end
@@ -48,10 +53,11 @@ from jax.experimental import multihost_utils
 
 from fmjax import config as config_lib
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
-from fmjax.errors import Failure
+from fmjax.errors import Failure, UsageError
+from fmjax.evaluation import run as eval_run, suite as suite_lib
 from fmjax.hf.safetensors_files import FormatError
 from fmjax.nn import cost, decoding, sharding
-from fmjax.posttrain import plan
+from fmjax.posttrain import plan, rl as rl_lib
 from fmjax.runtime import distributed
 from fmjax.train import checkpoint as checkpoint_lib, inputs
 from fmjax.train import guard as guard_lib, metrics as metrics_lib
@@ -149,13 +155,17 @@ def _build_and_train(cfg, workdir, allow_config_change, stop, started) -> dict:
       pipeline.open_sources(d, "validation")
       if cfg.checkpoint.init_from:
         checkpoint_lib.check_init_from(cfg.checkpoint.init_from, cfg.model)
-      if cfg.objective.name == "dpo":
+      if cfg.objective.name == "dpo" or plan.needs_reference(cfg):
         checkpoint_lib.latest_checkpoint(plan.reference_path(cfg))
+      suite = suite_lib.load_suite(t.eval_suite, d.data_dir) if t.eval_suite else []
+      eval_run.check_context(suite, tok, d.seq_len)
       rows = distributed.host_rows(s.batch_sharding, t.batch_size)  # this process's rows
       shards = d.shards or jax.process_count()
       pipeline.host_shards(t.batch_size, rows, shards)
     except pipeline.EmptySourceError as e:
       raise DataError(str(e)) from None
+    except UsageError as e:
+      raise config_lib.ConfigError(f"train.eval_suite={t.eval_suite!r}: {e}") from None
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(str(e)) from None
     train_ds, eval_data = inputs.datasets(
@@ -177,7 +187,8 @@ def _build_and_train(cfg, workdir, allow_config_change, stop, started) -> dict:
                                          cleanup=True) as ckpt:
     workdir_lib.check_config(workdir, cfg.to_dict(), allow_config_change,
                              has_checkpoint=bool(ckpt.all_steps()))
-    return _train(cfg, workdir, s, tok, train_iter, eval_data, ckpt, started, stop, frozen)
+    return _train(cfg, workdir, s, tok, train_iter, eval_data, ckpt, started, stop, frozen,
+                  suite)
 
 
 def _remove_empty_directories(path: str):
@@ -224,9 +235,10 @@ def _say(message: str):
   print(message, file=sys.stderr, flush=True)
 
 
-def _train(cfg, workdir, s, tok, train_iter, eval_data, ckpt, started, stop, frozen) -> dict:
+def _train(cfg, workdir, s, tok, train_iter, eval_data, ckpt, started, stop, frozen,
+           suite) -> dict:
   """The steps, then the final evaluation, checkpoint, summary, plots and sample."""
-  run = _Run(cfg, workdir, s, train_iter, eval_data, ckpt, frozen)
+  run = _Run(cfg, workdir, s, train_iter, eval_data, ckpt, frozen, tok, suite)
   distributed.wait_for_all("fmjax_train_loop")  # no process meets the first collective late
   try:
     with jax.set_mesh(s.mesh):
@@ -280,10 +292,11 @@ class _Run:
   restarts. `pending` holds the last step's metrics, still on device, until
   `flush` fetches them: the next step is dispatched first. `clock` is when the
   last step was flushed (or the loop last paused, to evaluate or save).
-  Records are opened (`open_records`) once the first step has compiled.
+  Records are opened (`open_records`) once the first step has compiled. `suite` is
+  train.eval_suite, loaded (fmjax.evaluation.suite), or [].
   """
 
-  def __init__(self, cfg, workdir, s, train_iter, eval_data, ckpt, frozen):
+  def __init__(self, cfg, workdir, s, train_iter, eval_data, ckpt, frozen, tok, suite):
     t = self.t = cfg.train
     self.cfg, self.workdir, self.s, self.train_iter, self.eval_data, self.ckpt = (
         cfg, workdir, s, train_iter, eval_data, ckpt)
@@ -299,8 +312,10 @@ class _Run:
     self.records_open = False
     if not restored and t.nonfinite == "restore":
       self.save(0)  # something to go back to
-    self.train_step = step_lib.make_train_step(s, frozen)
-    self.eval_step = step_lib.make_eval_step(s, frozen)
+    self.rollouts = inputs.rollouts(s, tok, frozen)  # RL: batches are the policy's rollouts
+    self.train_step = (self.rollouts.train_step if self.rollouts
+                       else step_lib.make_train_step(s, frozen))
+    self.eval_step = None if self.rollouts else step_lib.make_eval_step(s, frozen)
     # MFU as the benchmark quotes it: causal attention counted as half the square.
     self.flops_per_token = cost.flops_per_token(cfg.model, cfg.data.seq_len, attention="causal")
     self.peak, self.peak_source = cost.peak_flops(cfg.model.dtype)
@@ -312,6 +327,7 @@ class _Run:
     self.clock = time.perf_counter()
     self.step_times = []
     self.eval_loss = None
+    self.tok, self.suite, self.suite_results = tok, suite, None
 
   def open_records(self):
     """config.json, and the records truncated to the step resumed from (those past it came
@@ -342,7 +358,8 @@ class _Run:
     while self.done < t.steps:
       bad = self.step()
       evaluate_now, save_now = self._due(t.eval_every), self._due(self.cfg.checkpoint.every)
-      if bad is None and (evaluate_now or save_now or self.done == t.steps):
+      suite_now = bool(self.suite) and self._due(t.eval_suite_every)
+      if bad is None and (evaluate_now or save_now or suite_now or self.done == t.steps):
         bad = self.flush()
       if bad is not None:
         self.rewind(bad)
@@ -354,6 +371,9 @@ class _Run:
         return stopped
       if evaluate_now:
         self.evaluate(self.done, self.write)
+        self.clock = time.perf_counter()
+      if suite_now:
+        self.evaluate_suite(self.done, self.write)
         self.clock = time.perf_counter()
       if save_now:
         self.save(self.done)
@@ -375,8 +395,12 @@ class _Run:
       _say("compiling the train step...")
     self.profiler.before(self.done + 1)
     began = time.perf_counter()
-    self.state, metrics = self.train_step(
-        self.state, distributed.global_batch(batch, self.s.batch_sharding))
+    if self.rollouts:  # prompts in, rollouts of the current parameters out (fmjax.posttrain.rl)
+      batch, host = self.rollouts.rollout(self.state["params"], batch, self.drawn)
+    else:
+      batch, host = distributed.global_batch(batch, self.s.batch_sharding), {}
+    self.state, metrics = self.train_step(self.state, batch)
+    metrics = dict(metrics, **host)
     self.profiler.after(self.done + 1, metrics)
     if compiling:
       if self.is_main:
@@ -454,12 +478,29 @@ class _Run:
 
   def evaluate(self, step: int, write):
     """Records held-out statistics of the current parameters; `write` prints the message."""
-    result = step_lib.evaluate(self.s, self.eval_step, self.state["params"], self.eval_data)
+    if self.rollouts:  # held-out pass@1 and reward
+      result = self.rollouts.evaluate(self.state["params"], self.eval_data)
+    else:
+      result = step_lib.evaluate(self.s, self.eval_step, self.state["params"], self.eval_data)
     self.writer.write(step, {f"eval_{k}": v for k, v in result.items()})
     if self.is_main:
       write(f"step {step}: held-out loss {result['loss']:.4f}, "
             f"accuracy {result['accuracy']:.3f}")
     self.eval_loss = result["loss"]
+
+  def evaluate_suite(self, step: int, write):
+    """Runs train.eval_suite on the live parameters, on the training mesh (every process
+    takes part): its metrics into the records as suite/TASK/METRIC, its records and
+    reliability diagrams into <workdir>/eval/step_N/ (as `python -m fmjax.eval` writes)."""
+    params = plan.model_params(self.state["params"], self.cfg)
+    results = eval_run.run_suite(params, self.s.spec, self.tok, self.suite, self.s.mesh,
+                                 seq_len=self.cfg.data.seq_len, step=step)
+    self.writer.write(step, eval_run.flat_metrics(results))
+    if self.is_main:
+      out = os.path.join(self.workdir, "eval", f"step_{step}")
+      eval_run.write_outputs(results, out)
+      write(f"step {step}: suite {self.t.eval_suite}: {eval_run.headline(results)} ({out})")
+    self.suite_results = results
 
   def stopped(self, reason: str) -> dict:
     """Ends a run stopped before train.steps (its checkpoint saved): how to resume."""
@@ -476,6 +517,8 @@ class _Run:
     steps = self.t.steps
     if self.start < steps or self.eval_loss is None:
       self.evaluate(steps, print)
+    if self.suite and (self.start < steps or self.suite_results is None):
+      self.evaluate_suite(steps, print)
     if self.start < steps:
       self.save(steps, force=True)
     self.ckpt.wait()
@@ -489,7 +532,8 @@ class _Run:
         tokens=t.steps * self.tokens_per_step, final_eval_loss=self.eval_loss,
         tokens_per_s=tokens_per_s, mfu=tokens_per_s * self.flops_per_token / self.peak,
         peak_flops=self.peak, peak_source=self.peak_source,
-        wall_time_s=time.time() - started, **pipeline.data_metadata(cfg.data))
+        wall_time_s=time.time() - started, **pipeline.data_metadata(cfg.data),
+        **({"suite": eval_run.summary(self.suite_results)} if self.suite_results else {}))
 
 
 def _report(cfg, workdir, summary, records_path):
@@ -507,6 +551,9 @@ def _report(cfg, workdir, summary, records_path):
   if metrics_lib.plot_expert_load(metrics_lib.read(records_path),
                                   os.path.join(workdir, "expert_load.png")):
     print(f"expert load: {os.path.join(workdir, 'expert_load.png')}")
+  if cfg.objective.name == "grpo":
+    rl_lib.plot_rewards(metrics_lib.read(records_path), os.path.join(workdir, "reward_curve.png"))
+    print(f"reward curve: {os.path.join(workdir, 'reward_curve.png')}")
 
 
 def _host_copy(tree):

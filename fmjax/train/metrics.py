@@ -3,8 +3,8 @@
 metrics.jsonl is the record: one JSON object per logged step, keys as the
 loop names them (loss, eval_loss, ...). TensorBoard (<workdir>/tensorboard) and,
 with train.wandb_project set, Weights & Biases get the same numbers, grouped
-by tag: eval_* keys as eval/*, every other one as train/* (train/loss,
-eval/loss). Both are opened at the first record, so a run that fails before
+by tag: eval_* keys as eval/*, a suite's suite/TASK/METRIC as they are, every
+other one as train/* (train/loss, eval/loss). Both are opened at the first record, so a run that fails before
 its first step leaves no event file. wandb is imported only when a project is
 set; its run id is kept in <workdir>/wandb_run_id, so a resumed run logs into
 the same W&B run (W&B drops the steps it already has).
@@ -31,7 +31,10 @@ class WandbError(Failure):
 
 
 def tag(key: str) -> str:
-  """The TensorBoard and W&B name of a record key: eval_loss -> eval/loss, loss -> train/loss."""
+  """The TensorBoard and W&B name of a record key: eval_loss -> eval/loss, loss -> train/loss;
+  a suite's keys (suite/TASK/METRIC) are their own names."""
+  if key.startswith("suite/"):
+    return key
   return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 

@@ -8,6 +8,9 @@ accumulated `tokens`, or `pairs` for the pair objectives) once, at the end.
   sft          next-token loss on response tokens only (the batch's loss_mask)
   dpo          preference pairs against a frozen reference (fmjax/posttrain/dpo.py)
   contrastive  InfoNCE over pooled embeddings (fmjax/posttrain/contrastive.py)
+  reward_model Bradley-Terry over preference pairs (fmjax/posttrain/reward_model.py)
+  grpo         policy gradient over rollouts (fmjax/posttrain/rl.py: its own train step;
+               statistics are sums over `sequences`)
 
 An objective is called as `objective(params, batch, spec, o, **frozen)`, with
 the model's `ModelSpec` and the config's `objective` section `o`, where
@@ -20,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fmjax.posttrain import contrastive, dpo
+from fmjax.posttrain import contrastive, dpo, reward_model
 from fmjax.nn import model, moe, mtp
 
 
@@ -122,7 +125,9 @@ def denominator(stats):
 
 def summarize(stats) -> dict:
   """Means from summed statistics: loss, perplexity, accuracy (next token); for pair
-  objectives, the mean of every statistic per pair."""
+  objectives, the mean of every statistic per pair; RL's (`sequences`) are means already."""
+  if "sequences" in stats:
+    return {k: float(v) for k, v in stats.items()}
   if "nll" not in stats:
     n = max(float(stats["pairs"]), 1.0)
     return dict({k: float(v) / n for k, v in stats.items() if k != "pairs"},
@@ -137,4 +142,5 @@ def summarize(stats) -> dict:
 
 
 OBJECTIVES = {"next_token": next_token, "sft": sft, "dpo": dpo.dpo,
-              "contrastive": contrastive.contrastive}
+              "contrastive": contrastive.contrastive,
+              "reward_model": reward_model.reward_model}

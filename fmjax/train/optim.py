@@ -1,10 +1,15 @@
-"""Optimizer and learning-rate schedule from the config."""
+"""Optimizer and learning-rate schedule from the config.
+
+Each parameter's learning rate is the schedule's times its declaration's
+`lr_scale` (1 under SP; µP's per-role multipliers, fmjax.nn.params.parametrize).
+"""
 
 from __future__ import annotations
 
 import jax
 import optax
 
+from fmjax.nn import params as params_lib
 from fmjax.nn.params import Param
 
 
@@ -34,12 +39,26 @@ def decay_mask(decls):
                       is_leaf=lambda x: isinstance(x, Param))
 
 
+def scale_per_param(scales) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its number in `scales` (a tree like the params)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make(o, train_steps: int, decls) -> optax.GradientTransformation:
   lr, mask = schedule(o, train_steps), decay_mask(decls)
   if o.name == "adamw":
     opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
   else:
     opt = optax.lion(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=mask)
+  scales = params_lib.lr_scales(decls)
+  if any(s != 1.0 for s in jax.tree.leaves(scales)):
+    # The whole step (decoupled weight decay too, as with torch's per-group lr).
+    opt = optax.chain(opt, scale_per_param(scales))
   if o.clip_norm:
     opt = optax.chain(optax.clip_by_global_norm(o.clip_norm), opt)
   return opt

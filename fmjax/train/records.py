@@ -23,6 +23,9 @@ def step_record(stats, step_time: float, tokens_per_step: int, flops_per_token: 
                 mfu=tokens_per_s * flops_per_token / peak,
                 nonfinite_consecutive=int(stats["nonfinite_consecutive"]),
                 nonfinite_total=int(stats["nonfinite_total"]))
+  if "rollout_s" in stats:  # RL: a step is rollouts, rewards, then updates (fmjax.posttrain.rl)
+    update_s = step_time - float(stats["rollout_s"]) - float(stats["reward_s"])
+    record["update_tokens_per_s"] = tokens_per_step / update_s if update_s > 0 else 0.0
   record.update(moe.summarize(stats))
   return record
 

@@ -61,7 +61,9 @@ def setup(cfg, mesh) -> Setup:
   trained = plan.split(decls, trained_keys)[0]
   # A step with a non-finite gradient leaves parameters and optimizer state as
   # they were and is counted; fmjax.train.guard decides what the run does about it.
-  optimizer = optax.apply_if_finite(optim.make(cfg.optimizer, cfg.train.steps, trained),
+  # RL takes objective.rl.updates optimizer updates a step (fmjax.posttrain.rl).
+  updates = cfg.train.steps * (cfg.objective.rl.updates if cfg.objective.name == "grpo" else 1)
+  optimizer = optax.apply_if_finite(optim.make(cfg.optimizer, updates, trained),
                                     max_consecutive_errors=NEVER_APPLY_NONFINITE)
   param_sh = params_lib.shardings(decls, mesh, cfg.sharding.params)
   replicated = NamedSharding(mesh, P())
@@ -72,7 +74,7 @@ def setup(cfg, mesh) -> Setup:
   return Setup(
       cfg=cfg, spec=ModelSpec.from_config(cfg), mesh=mesh, decls=decls,
       trained_keys=trained_keys, optimizer=optimizer,
-      lr_schedule=optim.schedule(cfg.optimizer, cfg.train.steps),
+      lr_schedule=optim.schedule(cfg.optimizer, updates),
       state_shardings={"step": replicated, "params": param_sh, "opt_state": opt_sh},
       batch_sharding=sharding_lib.batch_sharding(mesh, cfg.sharding.activations),
       frozen_shardings={"reference": plan.model_shardings(param_sh)}

@@ -1,0 +1,91 @@
+"""`python -m fmjax.scaling plan`: the plan of a known law against the closed form."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from fmjax import validate
+from fmjax.nn import cost
+from fmjax.scaling import cli as scaling_cli
+from fmjax.scaling import fit as fit_lib
+from fmjax.scaling import plan as plan_lib
+from fmjax.scaling import sizing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Chinchilla's fitted law (Hoffmann et al. 2022, Approach 3).
+E, A, B, ALPHA, BETA = 1.69, 406.4, 410.7, 0.34, 0.28
+BUDGETS = (1e12, 2e12, 4e12, 8e12)
+
+
+def law(N, D):
+  return E + A / N**ALPHA + B / D**BETA
+
+
+def closed_form(C):
+  """N_opt = G (C/6)^(beta/(alpha+beta)), G = (alpha A / (beta B))^(1/(alpha+beta)); D = C/(6N)."""
+  G = (ALPHA * A / (BETA * B)) ** (1 / (ALPHA + BETA))
+  N = G * (C / 6) ** (BETA / (ALPHA + BETA))
+  return N, C / (6 * N)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+  """An IsoFLOP design of the known law: 5 sizes around each budget's optimum."""
+  path = tmp_path_factory.mktemp("plan") / "records.jsonl"
+  rng = np.random.default_rng(0)
+  with open(path, "w") as f:
+    for C in BUDGETS:
+      n_opt, _ = closed_form(C)
+      for k in (-2, -1, 0, 1, 2):
+        N = n_opt * 2.0**k
+        D = C / (6 * N)
+        loss = law(N, D) * (1 + 1e-4 * rng.standard_normal())
+        f.write(json.dumps({"params": N, "tokens": D, "flops": C, "final_eval_loss": loss}) + "\n")
+  return str(path)
+
+
+def test_plan_matches_the_closed_form(records):
+  points = fit_lib.load_points(records)
+  C = 4 * BUDGETS[-1]
+  plan = plan_lib.make_plan(points, C, target_loss=law(*closed_form(C)), bootstrap=4)
+  N, D = closed_form(C)
+  a3 = plan["approach3"]
+  assert a3["N"] == pytest.approx(N, rel=0.03)
+  assert a3["D"] == pytest.approx(D, rel=0.03)
+  assert a3["loss"] == pytest.approx(law(N, D), rel=1e-3)
+  assert a3["N_interval"][0] <= a3["N"] <= a3["N_interval"][1]
+  # Approach 2's power law from the parabolas' optima lands near it too.
+  assert plan["approach2"]["N"] == pytest.approx(N, rel=0.15)
+  # The budget that reaches the 4C optimum's loss is 4C.
+  assert plan["target"]["C"] == pytest.approx(C, rel=0.05)
+  # Without the largest budget, the fit still predicts its runs.
+  h = plan["holdout"]
+  assert h["C"] == pytest.approx(BUDGETS[-1]) and h["runs"] == 5
+  assert h["mean_abs_rel_error"] < 0.01
+  assert h["planned_loss"] == pytest.approx(law(*closed_form(BUDGETS[-1])), rel=0.01)
+
+
+def test_plan_command_writes_a_runnable_experiment(records, tmp_path, capsys):
+  out = tmp_path / "plan.py"
+  C = 4 * BUDGETS[-1]
+  code = scaling_cli.main(["plan", f"--records={records}", f"--flops={C}", "--bootstrap=0",
+                           "--no-holdout_largest",
+                           f"--template={os.path.join(ROOT, 'experiments', 'scaling_tiny.py')}",
+                           f"--out={out}"])
+  assert code == 0
+  printed = capsys.readouterr().out
+  assert "Approach 3" in printed and "Approach 2" in printed and str(out) in printed
+  namespace = {}
+  exec(compile(out.read_text(), str(out), "exec"), namespace)
+  cfg = sizing.resolve(namespace["get_config"]())
+  validate.validate(cfg, 1)
+  N, D = closed_form(C)
+  n = cost.param_counts(cfg.model)["total"]
+  # The dial's nearest depth: within the step between two depths of N.
+  assert abs(math.log(n / N)) < math.log(2.5)
+  assert cfg.train.tokens == pytest.approx(D, rel=0.05)
+  assert cfg.optimizer.lr == 3e-3 and cfg.train.batch_size == 16  # the template's
+  assert "Approach 3" in out.read_text()  # the plan's numbers are in its docstring
