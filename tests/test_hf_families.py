@@ -27,7 +27,9 @@ from fmjax.nn import attention, cost, decoding, model
 from fmjax.nn.params import leaves_with_names
 from fmjax.nn.spec import ModelSpec
 from fmjax.nn import sharding
-from fmjax.train import checkpoint, state as state_lib
+from fmjax.nn import params as params_lib
+from fmjax.posttrain import plan
+from fmjax.train import checkpoint, inputs, state as state_lib
 from fmjax.validate import validate
 from test_convert import random_params, rel_err, same_files
 from test_experiments import load
@@ -112,6 +114,21 @@ def imported_params(directory, cfg):
       node = node.setdefault(p, {})
     node[leaf] = x
   return out
+
+
+def test_an_imported_family_is_the_frozen_reference_of_dpo_and_rl(family):
+  # checkpoint.init_from names the HF directory, so DPO's (and RL's KL) reference is it too.
+  name, directory, _, _, _, cfg = family
+  c = cfg.copy_and_resolve_references()
+  c.checkpoint.init_from, c.objective.name = directory, "dpo"
+  checkpoint.check_init_from(plan.reference_path(c), c.model)
+  mesh = sharding.make_mesh(c.mesh)
+  shardings = params_lib.shardings(model.param_decls(c.model), mesh, c.sharding.params)
+  reference = inputs.load_reference(c, shardings)
+  want = imported_params(directory, cfg)
+  assert jax.tree.structure(reference) == jax.tree.structure(want)
+  for got, expected in zip(jax.tree.leaves(reference), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 def test_the_import_pins_the_family_settings(family):

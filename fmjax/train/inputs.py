@@ -98,12 +98,13 @@ def restore_params(path: str, abstract_params, m=None):
 
 
 def load_reference(cfg, param_shardings):
-  """The reference's model parameters from the latest checkpoint of its workdir, sharded
-  like the policy's (`param_shardings`): no device ever holds all of them."""
+  """The reference's model parameters from the latest checkpoint of its workdir (or from
+  its Hugging Face directory), sharded like the policy's (`param_shardings`): no device
+  ever holds all of them."""
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           params_lib.abstract(model.param_decls(cfg.model)),
                           model_shardings(param_shardings))
-  return restore_params(reference_path(cfg), abstract)
+  return restore_params(reference_path(cfg), abstract, cfg.model)
 
 
 def frozen_inputs(s, tokenizer, train_ds, held_out: list):

@@ -155,8 +155,8 @@ def _build_and_train(cfg, workdir, allow_config_change, stop, started) -> dict:
       pipeline.open_sources(d, "validation")
       if cfg.checkpoint.init_from:
         checkpoint_lib.check_init_from(cfg.checkpoint.init_from, cfg.model)
-      if cfg.objective.name == "dpo" or plan.needs_reference(cfg):
-        checkpoint_lib.latest_checkpoint(plan.reference_path(cfg))
+      if cfg.objective.name == "dpo" or plan.needs_reference(cfg):  # a workdir or HF directory
+        checkpoint_lib.check_init_from(plan.reference_path(cfg), cfg.model)
       suite = suite_lib.load_suite(t.eval_suite, d.data_dir) if t.eval_suite else []
       eval_run.check_context(suite, tok, d.seq_len)
       rows = distributed.host_rows(s.batch_sharding, t.batch_size)  # this process's rows
