@@ -1,11 +1,14 @@
 """Fine-tune a Hugging Face checkpoint: `checkpoint.init_from` names an HF directory.
 
 The argument is the directory (any family fmjax converts: Llama 2/3.x, Qwen2.5, Qwen3,
-Qwen3-MoE, Mistral, Mixtral, DeepSeek-V3), or the name of a family, for which a random
-tiny model of that family is built with transformers (the `hf` extra) into
-runs/hf_tiny_<family> first: llama3 (llama3 rope scaling, tied embeddings), qwen2 (q/k/v
-biases), qwen3 (per-head q/k norms), qwen3_moe (softmax top-k experts after a dense
-layer), mistral (a sliding window), mixtral (experts and a sliding window). The model
+Qwen3-MoE, Mistral, Mixtral, DeepSeek-V3, Gemma, Gemma 2, Gemma 3), or the name of a
+family, for which a random tiny model of that family is built with transformers (the
+`hf` extra) into runs/hf_tiny_<family> first: llama3 (llama3 rope scaling, tied
+embeddings), qwen2 (q/k/v biases), qwen3 (per-head q/k norms), qwen3_moe (softmax top-k
+experts after a dense layer), mistral (a sliding window), mixtral (experts and a
+sliding window), gemma (GeGLU, scaled embeddings, 1 + w norms), gemma2 (norms after
+each block, soft-capped scores and logits, windowed layers alternating with full ones),
+gemma3 (per-head q/k norms, a full layer after a windowed one, two rotary thetas). The
 fields come from the directory's config.json and the tokenizer from its tokenizer.model
 (the random models have none: the run trains its own on the corpus at their vocabulary).
 The default is the default experiment's model, exported:
@@ -45,17 +48,25 @@ DEFAULT = "runs/pretrain_tiny_hf"
 TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
             max_position_embeddings=256)
-# family: (transformers class prefix, its config fields beyond TINY)
+# family: (transformers config class, causal LM class, its config fields beyond TINY)
 FAMILIES = {
-    "llama3": ("Llama", dict(tie_word_embeddings=True, rope_parameters=dict(
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
         high_freq_factor=4.0, original_max_position_embeddings=32))),
-    "qwen2": ("Qwen2", dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3", {}),
-    "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                   norm_topk_prob=True, mlp_only_layers=[0])),
-    "mistral": ("Mistral", dict(sliding_window=64)),
-    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=64)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        mlp_only_layers=[0])),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=64)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=64)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(  # Gemma 2's caps
+        sliding_window=64, query_pre_attn_scalar=16, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        sliding_window=64, layer_types=["sliding_attention", "full_attention"])),
 }
 
 
@@ -64,10 +75,10 @@ def build(family: str, directory: str, seed: int = 0):
   # Imported here: transformers and torch (the `hf` extra) only build the random models.
   import torch
   import transformers
-  prefix, fields = FAMILIES[family]
+  config_class, model_class, fields = FAMILIES[family]
   torch.manual_seed(seed)
-  model_cfg = getattr(transformers, prefix + "Config")(**TINY, **fields)
-  model = getattr(transformers, prefix + "ForCausalLM")(model_cfg)
+  model_cfg = getattr(transformers, config_class)(**TINY, **fields)
+  model = getattr(transformers, model_class)(model_cfg)
   with torch.no_grad():  # nothing at its initial value: norms and experts all differ
     for p in model.parameters():
       p.add_(0.05 * torch.randn_like(p))

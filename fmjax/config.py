@@ -24,6 +24,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "model.parametrization": ("sp", "mup"),
     "model.rope_scaling.kind": ("none", "linear", "ntk", "yarn", "llama3"),
+    "model.mlp_activation": ("silu", "gelu_tanh"),
     "model.moe.score": ("softmax", "sigmoid"),
     "model.moe.balance": ("aux", "aux_free", "none"),
     "model.moe.aux_loss_scope": ("batch", "sequence"),
@@ -54,6 +55,8 @@ POSITIVE = (
 NON_NEGATIVE = (
     "model.head_dim", "model.q_lora_rank", "model.qk_nope_head_dim", "model.mtp_depth",
     "model.mtp_weight", "model.rope_scaling.mscale", "model.sliding_window",
+    "model.full_attention_every", "model.local_rope_theta", "model.query_scale_dim",
+    "model.attn_softcap", "model.logit_softcap",
     "model.moe.n_routed_experts",
     "model.moe.n_shared_experts", "model.moe.aux_loss_coef", "model.moe.router_z_loss_coef",
     "data.num_workers", "data.shards", "data.task_size", "objective.z_loss",
@@ -110,6 +113,26 @@ def base() -> ml_collections.ConfigDict:
       attention_bias=False,
       qk_norm=False,
       sliding_window=0,
+      # With sliding_window > 0, every k-th layer (k-1, 2k-1, ...) attends to the whole
+      # context and the others to the window (Gemma 2: 2, Gemma 3: 6); 0: every layer
+      # has the window. local_rope_theta > 0: the windowed layers' rotary theta, without
+      # rope_scaling (Gemma 3's local layers); 0: every layer uses rope_theta.
+      full_attention_every=0,
+      local_rope_theta=0.0,
+      # The q.k scale is 1/sqrt(query_scale_dim) (Gemma's query_pre_attn_scalar);
+      # 0: the head dim. attn_softcap > 0 caps attention scores at +-cap with
+      # cap * tanh(s / cap), logit_softcap the output logits (Gemma 2).
+      query_scale_dim=0,
+      attn_softcap=0.0,
+      logit_softcap=0.0,
+      # The gated MLP's activation: silu (SwiGLU) or gelu_tanh (GeGLU, Gemma).
+      mlp_activation="silu",
+      # Gemma: embeddings times sqrt(d_model) (scale_embeddings); RMSNorm scales as
+      # norm_offset + w, w initialised at 1 - norm_offset (Gemma: 1 + w, w from 0);
+      # post_norms: an RMSNorm on the attention and MLP outputs before each residual add.
+      scale_embeddings=False,
+      norm_offset=0.0,
+      post_norms=False,
       norm_eps=1e-5,
       init_std=0.02,
       # sp: the declarations' init, one learning rate; mup: the maximal-update

@@ -118,6 +118,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     raise ConfigError(f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even for "
                       "rotary embeddings")
   _check_rope_scaling(m.rope_scaling)
+  _check_local_layers(m)
   _check_moe(m)
   _check_kernels(m, jax.default_backend())
 
@@ -291,10 +292,19 @@ def _check_gqa(m):
                       "change model.head_dim or model.d_model/model.n_heads")
 
 
+def _check_local_layers(m):
+  """Settings of the windowed layers need a window."""
+  for field in ("full_attention_every", "local_rope_theta"):
+    if m[field] and not m.sliding_window:
+      raise ConfigError(f"model.{field}={m[field]} sets the layers with a sliding window apart, "
+                        "but model.sliding_window=0; set a window or leave it at 0")
+
+
 def _check_kernels(m, backend: str):
   """The kernels the model names must exist on this backend (`auto` always does)."""
   qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim if m.attention == "mla" else head_dim(m)
-  why = attention.unavailable(m.attention_impl, backend, m.dtype, qk_dim, m.sliding_window)
+  why = attention.unavailable(m.attention_impl, backend, m.dtype, qk_dim, m.sliding_window,
+                              m.attn_softcap)
   if why:
     raise ConfigError(f"model.attention_impl={m.attention_impl!r} {why}")
   how = m.moe.grouped_matmul
@@ -309,6 +319,9 @@ def _check_moe(m):
   if not e.n_routed_experts:
     return
   E = e.n_routed_experts
+  if m.mlp_activation != "silu":
+    raise ConfigError(f"model.mlp_activation={m.mlp_activation!r} with experts: the grouped "
+                      "expert matmuls (fmjax/nn/dispatch.py) are SwiGLU only; use 'silu'")
   if not 1 <= e.experts_per_token <= E:
     raise ConfigError(f"model.moe.experts_per_token={e.experts_per_token} must be in "
                       f"[1, n_routed_experts={E}]")

@@ -276,7 +276,8 @@ def test_init_from_an_hf_directory(tmp_path, data_dir):
     (dict(moe=dict(MOE)), "model.moe.score='sigmoid': the mixtral format (MixtralForCausalLM) "
      "routes with score='softmax' only"),
     (dict(qk_norm=True, sliding_window=8), "model.qk_norm=True has no place in the llama "
-     "format (LlamaForCausalLM), the closest to this model; qwen3 and qwen3_moe hold it"),
+     "format (LlamaForCausalLM), the closest to this model; qwen3, qwen3_moe and "
+     "gemma3_text hold it"),
     (dict(MLA, moe=dict(MOE, score="softmax")), "model.moe.score='softmax': HF DeepSeek-V3 "
      "routes with sigmoid scores only"),
     (dict(MLA, moe=dict(MOE, moe_layer_freq=2)), "model.moe.moe_layer_freq=2: HF DeepSeek-V3 "

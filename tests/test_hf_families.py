@@ -9,7 +9,10 @@ vocab 128, every weight perturbed so nothing sits at its initial value), and:
   - MoE routing is not trivial: exchanging two experts' weights changes the logits.
 The features each family exercises are fmjax model settings (tables.Format.model):
 llama3 rope scaling and tied embeddings, q/k/v biases, per-head q/k norms, softmax
-top-k experts, a sliding window shorter than the sequences.
+top-k experts, a sliding window shorter than the sequences; Gemma's GeGLU, scaled
+embeddings, 1 + w norm scales and norms after each block, soft caps on attention scores
+and logits that bite (caps of 2 and 3), a query scale that is not the head dim, windowed
+layers mixed with full ones, and (Gemma 3) the windowed layers' own rotary theta.
 """
 
 import json
@@ -66,7 +69,25 @@ FAMILIES = {  # name: (transformers class prefix, config fields, the fmjax setti
     "mistral": ("Mistral", dict(sliding_window=5), dict(sliding_window=5)),
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=7),
                 dict(sliding_window=7, moe=dict(n_routed_experts=4, experts_per_token=2))),
+    "gemma": ("Gemma", dict(), dict(mlp_activation="gelu_tanh", norm_offset=1.0,
+                                    scale_embeddings=True, post_norms=False)),
+    # layer_types default: windowed, full
+    "gemma2": ("Gemma2", dict(sliding_window=5, query_pre_attn_scalar=24,
+                              final_logit_softcapping=3.0, attn_logit_softcapping=2.0),
+               dict(mlp_activation="gelu_tanh", norm_offset=1.0, scale_embeddings=True,
+                    post_norms=True, sliding_window=5, full_attention_every=2,
+                    query_scale_dim=24, logit_softcap=3.0, attn_softcap=2.0)),
+    "gemma3": ("Gemma3Text", dict(
+        num_hidden_layers=3, sliding_window=5, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters=dict(full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1e5),
+                             sliding_attention=dict(rope_type="default", rope_theta=100.0))),
+        dict(qk_norm=True, post_norms=True, norm_offset=1.0, sliding_window=5,
+             full_attention_every=3, local_rope_theta=100.0, rope_theta=1e5,
+             rope_scaling=dict(kind="linear", factor=2.0))),
 }
+MODEL_TYPES = {"llama3": "llama", "gemma3": "gemma3_text"}  # where not the family's name
+MODEL_CLASSES = {"Gemma3Text": "Gemma3"}  # the causal LM class where not PREFIX + ForCausalLM
 
 
 _forward = jax.jit(model.forward, static_argnums=4)  # one compile per family, shared
@@ -92,8 +113,9 @@ def family(request, tmp_path_factory):
   name = request.param
   prefix, fields, _ = FAMILIES[name]
   torch.manual_seed(0)
-  config = getattr(transformers, prefix + "Config")(**COMMON, **fields)
-  m = _perturb(getattr(transformers, prefix + "ForCausalLM")(config), seed=1)
+  config = getattr(transformers, prefix + "Config")(**{**COMMON, **fields})
+  model_class = MODEL_CLASSES.get(prefix, prefix) + "ForCausalLM"
+  m = _perturb(getattr(transformers, model_class)(config), seed=1)
   m.config._attn_implementation = "eager"
   directory = str(tmp_path_factory.mktemp(name) / "hf")
   m.save_pretrained(directory, max_shard_size="100KB")
@@ -134,14 +156,14 @@ def test_an_imported_family_is_the_frozen_reference_of_dpo_and_rl(family):
 def test_the_import_pins_the_family_settings(family):
   name, directory, _, _, _, cfg = family
   with open(os.path.join(directory, "config.json")) as f:
-    assert json.load(f)["model_type"] == name if name != "llama3" else "llama"
+    assert json.load(f)["model_type"] == MODEL_TYPES.get(name, name)
   for field, value in FAMILIES[name][2].items():
     have = cfg.model[field]
     if isinstance(value, dict):
       assert {k: have[k] for k in value} == value, field
     else:
       assert have == value, field
-  assert tables.format_for(cfg.model).model_type == ("llama" if name == "llama3" else name)
+  assert tables.format_for(cfg.model).model_type == MODEL_TYPES.get(name, name)
   # an imported model is a config fmjax trains as it is (at a vocabulary its own
   # tokenizer can have: these random models come without one)
   trainable = cfg.copy_and_resolve_references()
@@ -150,13 +172,15 @@ def test_the_import_pins_the_family_settings(family):
   # the parameter count formula holds the new parameters (biases, q/k norms)
   assert cost.param_counts(cfg.model)["total"] == sum(
       x.size for x in jax.tree.leaves(imported_params(directory, cfg)))
-  # causal FLOPs count the keys a window leaves: the visible entries of the mask, per query
+  # causal FLOPs count the keys a window leaves: the visible entries of each layer's mask,
+  # per query (a windowed layer's or a full one's)
   T, W = 40, cfg.model.sliding_window
-  visible = np.asarray(attention.segment_mask(np.ones((1, T), np.int32), W)).sum() / T
-  per_key = 2 * 2 * cfg.model.n_heads * 16 * cfg.model.n_layers  # q.k and p.v, 2 FLOPs each
+  visible = sum(np.asarray(attention.segment_mask(np.ones((1, T), np.int32), W if local else 0))
+                .sum() / T for local in model.local_layers(cfg.model))
+  per_key = 2 * 2 * cfg.model.n_heads * 16  # q.k and p.v, 2 FLOPs each
   square = cost.flops_per_token(cfg.model, T, training=False)
   causal = cost.flops_per_token(cfg.model, T, training=False, attention="causal")
-  assert square - causal == pytest.approx((T - visible) * per_key)
+  assert square - causal == pytest.approx((T * cfg.model.n_layers - visible) * per_key)
 
 
 def test_import_matches_transformers(family, record_property):
@@ -165,6 +189,25 @@ def test_import_matches_transformers(family, record_property):
   record_property("import_rel_err", err)
   print(f"\n{name} import: relative error {err:.2e}")
   assert err < 1e-4
+
+
+# Settings whose default, put back, must change a family's logits (a feature that never bit
+# would pass the parity tests without being checked).
+BITES = {"gemma": dict(mlp_activation="silu", scale_embeddings=False),
+         "gemma2": dict(full_attention_every=0, query_scale_dim=0, logit_softcap=0.0,
+                        attn_softcap=0.0),
+         "gemma3": dict(full_attention_every=0, local_rope_theta=0.0)}
+
+
+def test_each_gemma_feature_changes_the_logits(family):
+  name, directory, _, toks, want, cfg = family
+  if name not in BITES:
+    pytest.skip(f"{name}: its features are checked by the parity tests alone")
+  params = imported_params(directory, cfg)
+  for field, default in BITES[name].items():
+    changed = cfg.copy_and_resolve_references()
+    changed.model[field] = default
+    assert rel_err(fmjax_logits(params, changed, toks), want) > 1e-3, field
 
 
 def test_export_matches_transformers_and_round_trips_byte_for_byte(family, tmp_path):
@@ -214,8 +257,8 @@ def test_moe_routing_is_not_trivial(family):
 
 
 @pytest.mark.parametrize("change,needle", [
-    (dict(model_type="gemma2"), "model_type='gemma2' is not supported (Gemma needs logit "
-     "soft-capping"),
+    (dict(model_type="gemma3"), "model_type='gemma3' is not supported (a Gemma 3 "
+     "vision-language checkpoint"),
     (dict(some_new_switch=True), "some_new_switch=True is not a qwen3 setting fmjax understands"),
     (dict(use_sliding_window=True), "use_sliding_window=True is not supported"),
     (dict(layer_types=["sliding_attention", "full_attention"]),
@@ -232,6 +275,50 @@ def test_a_config_field_fmjax_does_not_understand_is_refused(change, needle):
   assert config_map.model_fields(hf_cfg)["qk_norm"] is True
   with pytest.raises(FormatError) as e:
     config_map.model_fields(dict(hf_cfg, **change))
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# google/gemma-3-1b-pt's config.json as published (older keys: sliding_window_pattern,
+# rope_local_base_freq; no tie_word_embeddings, which transformers takes as true for Gemma)
+GEMMA3_1B = dict(
+    architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", attention_bias=False,
+    attn_logit_softcapping=None, final_logit_softcapping=None, head_dim=256,
+    hidden_activation="gelu_pytorch_tanh", hidden_size=1152, intermediate_size=6912,
+    num_attention_heads=4, num_hidden_layers=26, num_key_value_heads=1,
+    query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_local_base_freq=10000,
+    rope_scaling=None, rope_theta=1000000, sliding_window=512, sliding_window_pattern=6,
+    cache_implementation="hybrid", vocab_size=262144)
+
+
+def test_a_published_gemma3_config_imports_with_its_layer_pattern_and_tied_embeddings():
+  fields = config_map.model_fields(GEMMA3_1B)
+  assert {k: fields[k] for k in ("full_attention_every", "sliding_window", "local_rope_theta",
+                                 "rope_theta", "tie_embeddings", "query_scale_dim")} == dict(
+      full_attention_every=6, sliding_window=512, local_rope_theta=10000.0, rope_theta=1e6,
+      tie_embeddings=True, query_scale_dim=0)
+  m = tiny_config(**fields).model
+  assert [i for i, local in enumerate(model.local_layers(m)) if not local] == [5, 11, 17, 23]
+  assert cost.param_counts(m)["total"] == 999_885_952  # Gemma 3 1B
+  back = config_map.to_hf_config(m, seq_len=32768)
+  assert back["layer_types"].count("full_attention") == 4 and back["tie_word_embeddings"]
+  assert config_map.model_fields(back) == fields
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(layer_types=["full_attention", "sliding_attention"] * 13),
+     "layer_types ['full_attention', 'sliding_attention', "),
+    (dict(layer_types=["sliding_attention", "chunked_attention"] * 13),
+     "layer type 'chunked_attention' is not supported"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=true is not supported"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0 is not supported"),
+    (dict(hidden_activation="gelu"), "hidden_activation='gelu' is not supported"),
+    (dict(rope_parameters=dict(sliding_attention=dict(rope_type="linear", factor=2.0,
+                                                      rope_theta=1e4))),
+     "rope parameters {'rope_type': 'linear'"),
+])
+def test_a_gemma_config_fmjax_cannot_hold_is_refused(change, needle):
+  with pytest.raises(FormatError) as e:
+    config_map.model_fields(dict(GEMMA3_1B, **change))
   assert needle in str(e.value) and "\n" not in str(e.value)
 
 

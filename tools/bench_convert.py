@@ -2,6 +2,7 @@
 
   python tools/bench_convert.py --config=experiments/bench_dense_1b.py --dir=/tmp/convert_1b
   python tools/bench_convert.py --hf=llama3_1b --dir=/tmp/convert_llama3   # import only
+  python tools/bench_convert.py --hf=gemma3_1b --dir=/tmp/convert_gemma3   # import only
 
 Writes DIR/run (an fmjax workdir holding one checkpoint of random float32
 parameters, made one parameter at a time), then runs, each as its own
@@ -14,7 +15,9 @@ size on disk. Figures: tools/BENCHMARKS.md.
 --hf=llama3_1b instead writes DIR/hf, a Hugging Face directory shaped like Llama 3.2 1B
 (its config.json: 16 layers, width 2048, 32 query and 8 key/value heads, MLP 8192, a
 128256-token vocabulary, tied embeddings, llama3 rope scaling; random bfloat16 weights,
-written one tensor at a time), and times `from-hf` (DIR/hf -> DIR/back) alone. DIR is
+written one tensor at a time), and times `from-hf` (DIR/hf -> DIR/back) alone;
+--hf=gemma3_1b the same for google/gemma-3-1b-pt's shape (26 layers, 5 windowed to 1
+full, a 262144-token vocabulary; 1.0B parameters). DIR is
 removed at the end unless --keep.
 """
 
@@ -44,7 +47,20 @@ LLAMA3_1B = {
                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
     "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
     "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256}
-HF_SHAPES = {"llama3_1b": LLAMA3_1B}
+# config.json of google/gemma-3-1b-pt, as published (the shape; the weights are random):
+# 26 layers, five windowed (512) to one full, one key/value head of 256, vocab 262144.
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid",
+    "eos_token_id": 1, "final_logit_softcapping": None, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "initializer_range": 0.02,
+    "intermediate_size": 6912, "max_position_embeddings": 32768, "model_type": "gemma3_text",
+    "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+    "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": 512, "sliding_window_pattern": 6, "torch_dtype": "bfloat16",
+    "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144}
+HF_SHAPES = {"llama3_1b": LLAMA3_1B, "gemma3_1b": GEMMA3_1B}
 
 
 def make_hf_dir(name: str, directory: str, seed: int = 0) -> int:

@@ -12,7 +12,8 @@ import math
 from fmjax import config as config_lib
 from fmjax.data import tokenizer as tokenizer_lib
 from fmjax.hf.safetensors_files import FormatError
-from fmjax.hf.tables import DEEPSEEK_V3, FORMATS, MIXTRAL, QWEN3_MOE, Format, format_for
+from fmjax.hf.tables import DEEPSEEK_V3, FORMATS, GEMMA3, MIXTRAL, QWEN3_MOE, Format, format_for
+from fmjax.nn import model as model_lib
 from fmjax.nn.spec import head_dim
 
 
@@ -61,6 +62,16 @@ NOT_STORED = ("depth", "aspect_ratio", "attention", "init_std", "dtype", "remat"
               "scan_layers", "rope_theta", "rope_scaling",  # rope: converted on their own
               "moe", "mtp_depth", "mtp_weight", "attention_impl")  # checked on their own
 
+# Fields that are 0 in fmjax where HF writes null (no window, no soft cap).
+ZERO_IS_NONE = {"sliding_window": int, "logit_softcap": float, "attn_softcap": float}
+
+
+def _handled(fmt: Format) -> tuple:
+  """fmjax model fields a format holds that config_map converts itself (not in `fields`)."""
+  return (("full_attention_every",) if fmt.local_global else ()) + (
+      ("local_rope_theta",) if fmt is GEMMA3 else ())
+
+
 # HF config keys every format may carry that do not change the function: metadata, the
 # token ids, sizes of generation, training switches that are off. Anything else a format
 # does not read is refused, naming it.
@@ -86,7 +97,8 @@ def check_model(m) -> Format:
   """The format for model config `m`; FormatError if `m` asks for what the format cannot hold."""
   fmt = format_for(m)
   default = config_lib.base().model
-  known = set(fmt.fields) | set(fmt.unused) | set(NOT_STORED) | set(fmt.model)
+  known = set(fmt.fields) | set(fmt.unused) | set(NOT_STORED) | set(fmt.model) | set(
+      _handled(fmt))
   for name in m.keys():  # fields added later convert once a table row holds them
     if name not in known and m[name] != default.get(name):
       raise FormatError(f"model.{name}={m[name]!r} has no place in the {fmt.model_type} "
@@ -97,7 +109,7 @@ def check_model(m) -> Format:
               and f.attention == m.attention]
       raise FormatError(f"model.{name}={m[name]!r} has no place in the {fmt.model_type} "
                         f"format ({fmt.architecture}), the closest to this model; "
-                        f"{' and '.join(have) or 'no format'} hold it, with other settings")
+                        f"{_and(have) or 'no format'} hold it, with other settings")
   if m.mtp_depth:
     raise FormatError(f"model.mtp_depth={m.mtp_depth}: multi-token prediction (MTP) modules "
                       "are not converted; export a model without them")
@@ -110,6 +122,10 @@ def check_model(m) -> Format:
                         "says); set it to that")
   _rope_to_hf(m, fmt)  # raises on a kind the format does not have
   return fmt
+
+
+def _and(names: list) -> str:
+  return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]])) if names else ""
 
 
 def _check_moe(m, fmt: Format):
@@ -173,9 +189,15 @@ def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
     else:  # every layer dense: no experts (n_routed_experts only has to be valid)
       c.update(first_k_dense_replace=m.n_layers, n_routed_experts=1, n_shared_experts=0,
                num_experts_per_tok=1, n_group=1, topk_group=1, moe_intermediate_size=m.d_ff)
-  if "sliding_window" in fmt.fields:
-    c["sliding_window"] = m.sliding_window or None
-  if "layer_types" in fmt.keys:
+  for field in ZERO_IS_NONE:
+    if field in fmt.fields:
+      c[fmt.fields[field]] = m[field] or None
+  if "query_scale_dim" in fmt.fields:  # fmjax's 0 is the head dim
+    c["query_pre_attn_scalar"] = m.query_scale_dim or head_dim(m)
+  if fmt.local_global:
+    c["layer_types"] = ["sliding_attention" if local else "full_attention"
+                        for local in model_lib.local_layers(m)]
+  elif "layer_types" in fmt.keys:
     c.update(sliding_window=None, max_window_layers=m.n_layers,
              layer_types=["full_attention"] * m.n_layers)
   if fmt.moe in SOFTMAX_MOE_FIELDS:
@@ -186,6 +208,8 @@ def to_hf_config(m, seq_len: int, dtype: str = "float32") -> dict:
       c["mlp_only_layers"] = list(range(e.first_k_dense))
   c.update(fmt.fixed, attention_dropout=0.0)
   rope_theta, scaling = _rope_to_hf(m, fmt)
+  if fmt is GEMMA3:  # the windowed layers' rotary theta
+    c["rope_local_base_freq"] = m.local_rope_theta or m.rope_theta
   c.update(rope_theta=rope_theta, rope_scaling=scaling,
            max_position_embeddings=(
                int(round(scaling["original_max_position_embeddings"] * scaling["factor"]))
@@ -213,27 +237,97 @@ def model_fields(hf_cfg: dict, where: str = "config.json") -> dict:
   if hf_cfg.get("quantization_config"):
     raise FormatError(f"{where}: quantized checkpoints (quantization_config) are not "
                       "supported; dequantize to float32 or bfloat16 first")
+  if hf_cfg.get("use_bidirectional_attention"):
+    raise FormatError(f"{where}: use_bidirectional_attention=true is not supported; fmjax "
+                      "converts causal language models")
   out = {"attention": fmt.attention, **fmt.model}
-  optional = ("head_dim", "q_lora_rank", "tie_embeddings", "sliding_window")
+  optional = ("head_dim", "q_lora_rank", "tie_embeddings") + (
+      () if fmt.local_global else ("sliding_window",))
   for field, key in fmt.fields.items():
     if key not in hf_cfg and field not in optional:
       raise FormatError(f"{where}: {key} is missing")
     out[field] = hf_cfg.get(key)
-  out["tie_embeddings"] = bool(hf_cfg.get("tie_word_embeddings", False))
+    if field in ZERO_IS_NONE:
+      out[field] = ZERO_IS_NONE[field](out[field] or 0)
+  # transformers' default where config.json leaves it out: tied for Gemma, untied otherwise
+  out["tie_embeddings"] = bool(hf_cfg.get("tie_word_embeddings", fmt.tied_by_default))
   if fmt.attention == "gqa":
     hd = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
     out["head_dim"] = 0 if hd * hf_cfg["num_attention_heads"] == hf_cfg["hidden_size"] else hd
     out["n_kv_heads"] = hf_cfg.get("num_key_value_heads") or hf_cfg["num_attention_heads"]
   else:
     out["q_lora_rank"] = hf_cfg.get("q_lora_rank") or 0
-  if "sliding_window" in fmt.fields:
-    out["sliding_window"] = int(hf_cfg.get("sliding_window") or 0)
+  if "query_scale_dim" in fmt.fields:
+    q = out["query_scale_dim"]
+    if q != int(q) or q <= 0:
+      raise FormatError(f"{where}: query_pre_attn_scalar={q!r} is not supported; fmjax scales "
+                        "queries by 1/sqrt of a positive whole number")
+    out["query_scale_dim"] = 0 if q == (out["head_dim"] or out["d_model"] // out["n_heads"]) \
+        else int(q)
+  if fmt.local_global:
+    out["full_attention_every"], windowed = _local_global(hf_cfg, fmt, where)
+    if not windowed:  # every layer attends to the whole context
+      out["sliding_window"] = 0
   if moe_fields:
     out["moe"] = moe_fields
   out["norm_eps"] = float(out["norm_eps"])
-  out["rope_theta"], out["rope_scaling"] = _rope_from_hf(hf_cfg, fmt, where)
+  rope_cfg = hf_cfg
+  if fmt is GEMMA3:
+    rope_cfg, local_theta = _gemma3_rope(hf_cfg, where)
+    out["local_rope_theta"] = local_theta if out["sliding_window"] else 0.0
+  out["rope_theta"], out["rope_scaling"] = _rope_from_hf(rope_cfg, fmt, where)
   _check_keys(hf_cfg, fmt, where)  # after the checks whose messages name a feature
   return out
+
+
+def _local_global(hf_cfg: dict, fmt: Format, where: str) -> tuple[int, bool]:
+  """(model.full_attention_every, whether any layer is windowed) from HF's layer_types.
+
+  fmjax's pattern is every k-th layer full, the others windowed (or all of one kind);
+  transformers' default without layer_types is that with k = its sliding_window_pattern.
+  """
+  n = hf_cfg.get("num_hidden_layers", 0)
+  types = hf_cfg.get("layer_types")
+  if types is None:
+    k = (hf_cfg.get("sliding_window_pattern") or hf_cfg.get("_sliding_window_pattern")
+         or fmt.local_global)
+    types = ["full_attention" if (i + 1) % k == 0 else "sliding_attention" for i in range(n)]
+  unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+  if unknown or len(types) != n:
+    what = f"layer type {unknown[0]!r}" if unknown else f"{len(types)} layer_types for {n} layers"
+    raise FormatError(f"{where}: {what} is not supported; fmjax has full_attention and "
+                      "sliding_attention, one per layer")
+  local = [t == "sliding_attention" for t in types]
+  if any(local) and not hf_cfg.get("sliding_window"):
+    raise FormatError(f"{where}: sliding_attention layers without a sliding_window")
+  if all(local) or not any(local):
+    return 0, any(local)
+  k = local.index(False) + 1
+  if local != [(i + 1) % k != 0 for i in range(n)]:
+    raise FormatError(f"{where}: layer_types {types} is not supported; fmjax's full-attention "
+                      "layers are every k-th (k-1, 2k-1, ...), the others windowed")
+  return k, True
+
+
+def _gemma3_rope(hf_cfg: dict, where: str) -> tuple[dict, float]:
+  """(a config whose rope fields are the full-attention layers', the windowed layers' theta).
+
+  transformers 5 writes rope_parameters per layer type; older configs rope_theta,
+  rope_scaling (of the full-attention layers) and rope_local_base_freq.
+  """
+  rp = hf_cfg.get("rope_parameters") or {}
+  if "full_attention" in rp or "sliding_attention" in rp:
+    local = dict(rp.get("sliding_attention") or {})
+    full = dict(rp.get("full_attention") or {})
+  else:
+    local = {"rope_type": "default", "rope_theta": hf_cfg.get("rope_local_base_freq", 10000.0)}
+    full = dict(hf_cfg.get("rope_scaling") or {}, **rp)
+    full.setdefault("rope_theta", hf_cfg.get("rope_theta", 1_000_000.0))
+  if local.get("rope_type", "default") != "default" or set(local) - {"rope_type", "rope_theta"}:
+    raise FormatError(f"{where}: rope parameters {local} of the sliding_attention layers are "
+                      "not supported; fmjax rotates windowed layers with a plain theta")
+  rest = {k: v for k, v in hf_cfg.items() if k not in ("rope_parameters", "rope_scaling")}
+  return dict(rest, rope_parameters=full), float(local.get("rope_theta", 10000.0))
 
 
 def _check_keys(hf_cfg: dict, fmt: Format, where: str):
@@ -248,7 +342,7 @@ def _check_keys(hf_cfg: dict, fmt: Format, where: str):
     if key not in known:
       raise FormatError(f"{where}: {key}={hf_cfg[key]!r} is not a {fmt.model_type} setting "
                         "fmjax understands; nothing is dropped silently, so it was not converted")
-  if "layer_types" in fmt.keys and hf_cfg.get("layer_types"):
+  if "layer_types" in fmt.keys and not fmt.local_global and hf_cfg.get("layer_types"):
     kinds = sorted(set(hf_cfg["layer_types"]))
     if kinds != ["full_attention"]:
       raise FormatError(f"{where}: layer_types {kinds} is not supported; fmjax converts "
@@ -303,10 +397,8 @@ def _moe_fields(hf_cfg: dict, where: str) -> dict:
 
 # Families fmjax refuses, and why (a feature the fmjax model does not have).
 NOT_YET = {
-    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text"),
-                    "Gemma needs logit soft-capping, GeGLU, the embedding multiplier, "
-                    "(1 + w) RMSNorm, norms after attention and MLP and alternating "
-                    "local/global layers, which fmjax's model does not have yet"),
+    "gemma3": "a Gemma 3 vision-language checkpoint (Gemma3ForConditionalGeneration); fmjax "
+              "converts Gemma 3 language models, model_type 'gemma3_text' (Gemma3ForCausalLM)",
 }
 
 

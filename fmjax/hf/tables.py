@@ -12,6 +12,11 @@ the forward pass knows the settings, never the family. Grouped-query families:
   mistral     MistralForCausalLM: a sliding window
   qwen3_moe   Qwen3MoeForCausalLM: qwen3's attention, softmax top-k experts, no shared one
   mixtral     MixtralForCausalLM: softmax top-k experts (normalised), a sliding window
+  gemma       GemmaForCausalLM: GeGLU, embeddings x sqrt(d_model), RMSNorm scales 1 + w
+  gemma2      Gemma2ForCausalLM: gemma's, plus norms after attention and MLP, soft-capped
+              attention scores and logits, windowed layers alternating with full ones
+  gemma3_text Gemma3ForCausalLM: gemma2's without the soft caps, plus per-head q/k norms,
+              one full-attention layer in six, the windowed layers' own rotary theta
 
 MLA models are `DeepseekV3ForCausalLM`: all dense (`first_k_dense_replace` =
 `num_hidden_layers`) or a mixture of experts after the first `model.moe.first_k_dense`
@@ -48,8 +53,7 @@ def _swiglu(s: str, param: str, hf: str, names=("gate", "up", "down"), suffix="_
 def _layer_tensors(stack: str, kind: str, m, fmt) -> list[Tensor]:
   """The norms and feed-forward block of the layers of one stack ('layers' or 'moe_layers')."""
   layer, s = "model.layers.{i}.", stack + "."
-  out = [Tensor(s + "attn_norm", layer + "input_layernorm.weight"),
-         Tensor(s + "mlp_norm", layer + "post_attention_layernorm.weight")]
+  out = [Tensor(s + name, layer + hf + ".weight") for name, hf in fmt.norms.items()]
   if kind == "dense":
     return out + _swiglu(s, "w_", layer + "mlp.")
   if fmt.moe == "mixtral":  # "{e}" is the routed expert
@@ -117,10 +121,21 @@ class Format:
   fixed: dict  # HF config values the format writes, and requires when reading
   model: dict = dataclasses.field(default_factory=dict)  # fmjax model settings it pins
   moe: str | None = None  # its mixture of experts: 'deepseek', 'qwen3_moe', 'mixtral'; None
+  norms: dict = dataclasses.field(default_factory=lambda: dict(LLAMA_NORMS))  # fmjax -> HF
+  # Layers with a sliding window and with full attention, as HF's `layer_types`; the period
+  # of full-attention layers when a config has no layer_types (0: none of this format's)
+  local_global: int = 0
+  tied_by_default: bool = False  # what transformers assumes without tie_word_embeddings
   rope: tuple = ("none", "linear", "yarn", "llama3")  # the rope_scaling kinds it holds
   # HF config keys it reads and writes beyond `fields` and `fixed` (config_map handles them)
   keys: tuple = ()
 
+
+LLAMA_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+# Gemma 2/3 name the norm after attention "post_attention_layernorm"
+SANDWICH_NORMS = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                  "mlp_norm": "pre_feedforward_layernorm",
+                  "mlp_post_norm": "post_feedforward_layernorm"}
 
 SHARED_FIELDS = {"vocab_size": "vocab_size", "d_model": "hidden_size",
                  "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -130,7 +145,12 @@ GQA_FIELDS = dict(SHARED_FIELDS, n_kv_heads="num_key_value_heads", head_dim="hea
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
               "v_head_dim")
 GQA_OPTIONS = ("attention_bias", "qk_norm", "sliding_window")  # what MLA has none of
-PLAIN = dict(attention_bias=False, qk_norm=False, sliding_window=0)
+# The layer of Llama and of every family but Gemma: SwiGLU, plain embeddings, RMSNorm scales w
+LLAMA_LAYER = dict(mlp_activation="silu", norm_offset=0.0, post_norms=False,
+                   scale_embeddings=False)
+GEMMA_LAYER = dict(mlp_activation="gelu_tanh", norm_offset=1.0, scale_embeddings=True)
+PLAIN = dict(LLAMA_LAYER, attention_bias=False, qk_norm=False, sliding_window=0)
+GEMMA_KEYS = ("use_bidirectional_attention", "cache_implementation")
 QWEN = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
 
 LLAMA = Format(
@@ -153,7 +173,7 @@ QWEN3 = Format(
 MISTRAL = Format(
     model_type="mistral", architecture="MistralForCausalLM", attention="gqa",
     fields=dict(GQA_FIELDS, sliding_window="sliding_window"), unused=MLA_FIELDS,
-    tensors=_gqa_tensors, model=dict(attention_bias=False, qk_norm=False),
+    tensors=_gqa_tensors, model=dict(LLAMA_LAYER, attention_bias=False, qk_norm=False),
     fixed={"hidden_act": "silu"})
 
 QWEN3_MOE = Format(
@@ -167,7 +187,7 @@ MIXTRAL = Format(
     # intermediate_size is the experts' width: d_ff is not held (every layer is MoE)
     fields=dict({k: v for k, v in GQA_FIELDS.items() if k != "d_ff"},
                 sliding_window="sliding_window"), unused=MLA_FIELDS + ("d_ff",),
-    tensors=_gqa_tensors, model=dict(attention_bias=False, qk_norm=False),
+    tensors=_gqa_tensors, model=dict(LLAMA_LAYER, attention_bias=False, qk_norm=False),
     fixed={"hidden_act": "silu", "router_jitter_noise": 0.0}, moe="mixtral")
 
 DEEPSEEK_V3 = Format(
@@ -179,9 +199,40 @@ DEEPSEEK_V3 = Format(
     # so a model converts exactly only with norm_eps 1e-6.
     fixed={"hidden_act": "silu", "attention_bias": False, "rms_norm_eps": 1e-6})
 
+GEMMA = Format(
+    model_type="gemma", architecture="GemmaForCausalLM", attention="gqa", fields=GQA_FIELDS,
+    unused=MLA_FIELDS, tensors=_gqa_tensors,
+    model=dict(GEMMA_LAYER, post_norms=False, attention_bias=False, qk_norm=False,
+               sliding_window=0),
+    fixed={"hidden_act": "gelu_pytorch_tanh", "attention_bias": False}, keys=GEMMA_KEYS,
+    tied_by_default=True)
+
+GEMMA2_FIELDS = dict(GQA_FIELDS, sliding_window="sliding_window",
+                     query_scale_dim="query_pre_attn_scalar",
+                     logit_softcap="final_logit_softcapping")
+GEMMA2 = Format(
+    model_type="gemma2", architecture="Gemma2ForCausalLM", attention="gqa",
+    fields=dict(GEMMA2_FIELDS, attn_softcap="attn_logit_softcapping"), unused=MLA_FIELDS,
+    tensors=_gqa_tensors, model=dict(GEMMA_LAYER, post_norms=True, attention_bias=False,
+                                     qk_norm=False),
+    fixed={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
+    keys=GEMMA_KEYS + ("layer_types",), norms=SANDWICH_NORMS, local_global=2,
+    tied_by_default=True)
+
+# transformers' Gemma 3 ignores attn_logit_softcapping: it must be null
+GEMMA3 = Format(
+    model_type="gemma3_text", architecture="Gemma3ForCausalLM", attention="gqa",
+    fields=GEMMA2_FIELDS, unused=MLA_FIELDS, tensors=_gqa_tensors,
+    model=dict(GEMMA_LAYER, post_norms=True, attention_bias=False, qk_norm=True),
+    fixed={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+           "attn_logit_softcapping": None},
+    keys=GEMMA_KEYS + ("layer_types", "sliding_window_pattern", "_sliding_window_pattern",
+                       "rope_local_base_freq"),
+    norms=SANDWICH_NORMS, local_global=6, tied_by_default=True)
+
 # In the order an export tries them.
 FORMATS = {f.model_type: f for f in (LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE, MIXTRAL,
-                                     DEEPSEEK_V3)}
+                                     DEEPSEEK_V3, GEMMA, GEMMA2, GEMMA3)}
 
 
 # HF tensors that are derived, not learned: read by nobody, dropped by nobody.

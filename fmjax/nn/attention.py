@@ -20,6 +20,14 @@ With `model.sliding_window` = W > 0, a query at position t also sees only
 keys at positions > t - W (Mistral's window; W keys, its own included): xla
 in its mask, cudnn through `local_window_size`, splash with a `LocalMask`.
 The Pallas GPU kernel has no window, so fmjax.validate refuses it with one.
+With `model.full_attention_every`, layers with and without the window share
+one scan: each layer's flag picks between the two (`lax.cond` around a
+kernel, so each runs with a fixed mask).
+
+`model.attn_softcap` > 0 (Gemma 2) squashes each score s (after the scale) to
+cap * tanh(s / cap) before the mask and softmax: xla and splash have it; the
+cuDNN and Pallas GPU kernels do not, so fmjax.validate refuses them and `auto`
+takes xla on a GPU.
 
 Values may have another head dim than queries and keys (MLA): splash takes
 that as it is, cudnn and pallas get values zero-padded to the query head dim
@@ -69,10 +77,13 @@ def _cudnn_unsupported(dtype: str, head_dim: int) -> str | None:
 
 
 def unavailable(impl: str, backend: str, dtype: str, head_dim: int,
-                window: int = 0) -> str | None:
+                window: int = 0, softcap: float = 0.0) -> str | None:
   """Why `impl` cannot run here (None if it can): the end of a one-line config error."""
   if impl == "auto":
     return None
+  if impl in ("cudnn", "pallas") and softcap:
+    return (f"has no attention soft-capping (model.attn_softcap={softcap}): the {impl} "
+            "kernel cannot squash scores inside its softmax; use xla or splash (or auto)")
   if impl == "pallas" and window:
     return (f"has no sliding window (model.sliding_window={window}): jax's Pallas GPU "
             "flash-attention kernel masks by segment and causality only; use cudnn or xla")
@@ -83,20 +94,36 @@ def unavailable(impl: str, backend: str, dtype: str, head_dim: int,
   return _cudnn_unsupported(dtype, head_dim) if impl == "cudnn" else None
 
 
-def resolve(impl: str, backend: str, dtype: str, head_dim: int, window: int = 0) -> str:
+def resolve(impl: str, backend: str, dtype: str, head_dim: int, window: int = 0,
+            softcap: float = 0.0) -> str:
   """The implementation `impl` names here: `auto` becomes AUTO[backend], or pallas
-  on a GPU where cuDNN cannot take the dtype or head dim (xla with a sliding window)."""
+  on a GPU where cuDNN cannot take the dtype or head dim (xla with a sliding window),
+  or xla on a GPU with soft-capped scores."""
   if impl != "auto":
     return impl
   impl = AUTO.get(backend, "xla")
+  if impl == "cudnn" and softcap:
+    return "xla"
   if impl == "cudnn" and _cudnn_unsupported(dtype, head_dim):
     impl = "xla" if window else "pallas"
   return impl
 
 
 def _impl(spec, q_BTNH) -> str:
-  return resolve(spec.model.attention_impl, jax.default_backend(), jnp.dtype(q_BTNH.dtype).name,
-                 q_BTNH.shape[-1], spec.model.sliding_window)
+  m = spec.model
+  return resolve(m.attention_impl, jax.default_backend(), jnp.dtype(q_BTNH.dtype).name,
+                 q_BTNH.shape[-1], m.sliding_window, m.attn_softcap)
+
+
+def _per_layer(local, window: int, attend_with):
+  """attend_with(w): w = the window if this layer keeps it, 0 if not. `local` is a
+  bool, or a traced one (a scan over mixed layers): then both are compiled and
+  `lax.cond` runs the layer's."""
+  if not window or (isinstance(local, bool) and local):
+    return attend_with(window)
+  if isinstance(local, bool):
+    return attend_with(0)
+  return jax.lax.cond(local, lambda: attend_with(window), lambda: attend_with(0))
 
 
 # --- the reference ------------------------------------------------------------------------
@@ -124,9 +151,9 @@ def cache_mask(positions_BT, num_slots: int, window: int = 0) -> jax.Array:
   return visible[:, None]
 
 
-def xla(q_BTNH, k_BSKH, v_BSKG, mask_B1TS, scale: float) -> jax.Array:
+def xla(q_BTNH, k_BSKH, v_BSKG, mask_B1TS, scale: float, softcap: float = 0.0) -> jax.Array:
   """Attention under a dense boolean mask, by XLA: (B, T, N, G)."""
-  if v_BSKG.shape[-1] == q_BTNH.shape[-1]:
+  if v_BSKG.shape[-1] == q_BTNH.shape[-1] and not softcap:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKG, mask=mask_B1TS, scale=scale,
                                         implementation="xla")
   B, T, N, H = q_BTNH.shape
@@ -134,6 +161,8 @@ def xla(q_BTNH, k_BSKH, v_BSKG, mask_B1TS, scale: float) -> jax.Array:
   q_BTKnH = q_BTNH.reshape(B, T, K, N // K, H)
   logits_BKnTS = jnp.einsum("btknh,bskh->bknts", q_BTKnH, k_BSKH,
                             preferred_element_type=jnp.float32) * scale
+  if softcap:
+    logits_BKnTS = softcap * jnp.tanh(logits_BKnTS / softcap)
   logits_BKnTS = jnp.where(mask_B1TS[:, :, None], logits_BKnTS, -1e30)
   probs_BKnTS = jax.nn.softmax(logits_BKnTS, axis=-1).astype(v_BSKG.dtype)
   out_BTKnG = jnp.einsum("bknts,bskg->btkng", probs_BKnTS, v_BSKG)
@@ -169,7 +198,9 @@ def _pad_rows(q_BTNH, k_BTNH, v_BTNG, segment_ids_BT, tile: int):
           jnp.pad(segment_ids_BT, ((0, 0), (0, Tp - T)), constant_values=-1))
 
 
-def _cudnn(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0):
+def _cudnn(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0,
+           softcap: float = 0.0):
+  assert not softcap, "fmjax.validate refuses soft-capped scores with the cudnn kernel"
   H, G = q_BTNH.shape[-1], v_BTKG.shape[-1]
   same_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
   out_BTNH = jax.nn.dot_product_attention(
@@ -178,8 +209,9 @@ def _cudnn(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0
   return out_BTNH[..., :G]
 
 
-def _pallas(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0):
-  assert not window, "fmjax.validate refuses a sliding window with the pallas kernel"
+def _pallas(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0,
+            softcap: float = 0.0):
+  assert not (window or softcap), "fmjax.validate refuses a window or a softcap with pallas"
   # Imported here: Pallas loads its GPU lowering, which a CPU-only run of fmjax never needs.
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   B, T, N, H = q_BTNH.shape
@@ -199,7 +231,7 @@ def _pallas(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 
 SPLASH_TILE = 128  # splash blocks are whole multiples of the TPU's 128 lanes
 
 
-def _splash_kernel(N: int, T: int, interpret: bool, window: int = 0):
+def _splash_kernel(N: int, T: int, interpret: bool, window: int = 0, softcap: float = 0.0):
   # Imported here: the TPU kernel library is needed only where splash is chosen.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -210,15 +242,16 @@ def _splash_kernel(N: int, T: int, interpret: bool, window: int = 0):
                          block_kv_dkv=tile, block_kv_dkv_compute=tile, block_q_dq=tile,
                          block_kv_dq=tile)
   return sk, sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+                                attn_logits_soft_cap=softcap or None, interpret=interpret)
 
 
-def _splash(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0):
+def _splash(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 0,
+            softcap: float = 0.0):
   B, T, N, H = q_BTNH.shape
   k_BTNH, v_BTNG = _repeat_heads(k_BTKH, N), _repeat_heads(v_BTKG, N)
   q, k, v, seg = _pad_rows(q_BTNH * jnp.asarray(scale, q_BTNH.dtype), k_BTNH, v_BTNG,
                            segment_ids_BT, SPLASH_TILE)
-  sk, kernel = _splash_kernel(N, q.shape[1], jax.default_backend() == "cpu", window)
+  sk, kernel = _splash_kernel(N, q.shape[1], jax.default_backend() == "cpu", window, softcap)
   heads_first = lambda x: x.transpose(0, 2, 1, 3)
   out_BNTG = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
       heads_first(q), heads_first(k), heads_first(v), seg)
@@ -228,10 +261,10 @@ def _splash(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, window: int = 
 KERNELS = {"cudnn": _cudnn, "pallas": _pallas, "splash": _splash}
 
 
-def _sharded(kernel, q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale, spec):
+def _sharded(kernel, q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale, spec, window: int):
   """Runs a kernel on each device's rows and heads under the current mesh (if any)."""
   mesh = jax.sharding.get_abstract_mesh()
-  fn = functools.partial(kernel, scale=scale, window=spec.model.sliding_window)
+  fn = functools.partial(kernel, scale=scale, window=window, softcap=spec.model.attn_softcap)
   if mesh.empty:
     return fn(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT)
   rules = spec.activations
@@ -248,23 +281,34 @@ def _sharded(kernel, q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale, spec):
                        out_specs=q_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT)
 
 
-def attend(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, spec) -> jax.Array:
-  """Causal self-attention within each packed document of a row: (B, T, N, G)."""
-  impl = _impl(spec, q_BTNH)
+def attend(q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale: float, spec,
+           local=True) -> jax.Array:
+  """Causal self-attention within each packed document of a row: (B, T, N, G).
+
+  `local`: whether this layer keeps model.sliding_window (a bool or a traced one).
+  """
+  impl, m = _impl(spec, q_BTNH), spec.model
   if impl == "xla":
-    return xla(q_BTNH, k_BTKH, v_BTKG, segment_mask(segment_ids_BT, spec.model.sliding_window),
-               scale)
-  return _sharded(KERNELS[impl], q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale, spec)
+    return _per_layer(local, m.sliding_window, lambda w: xla(
+        q_BTNH, k_BTKH, v_BTKG, segment_mask(segment_ids_BT, w), scale, m.attn_softcap))
+  return _per_layer(local, m.sliding_window, lambda w: _sharded(
+      KERNELS[impl], q_BTNH, k_BTKH, v_BTKG, segment_ids_BT, scale, spec, w))
 
 
-def attend_cached(q_BTNH, k_BSKH, v_BSKG, positions_BT, scale: float, spec) -> jax.Array:
+def attend_cached(q_BTNH, k_BSKH, v_BSKG, positions_BT, scale: float, spec,
+                  local=True) -> jax.Array:
   """Queries at `positions_BT` against a cache whose slot s holds position s: (B, T, N, G)."""
   H, G = q_BTNH.shape[-1], v_BSKG.shape[-1]
-  window = spec.model.sliding_window  # cuDNN's padding mask has no window: XLA decodes those
-  if (q_BTNH.shape[1] == 1 and not window and _impl(spec, q_BTNH) == "cudnn"
+  m = spec.model
+  # cuDNN's padding mask has no window or softcap: XLA decodes those
+  window = 0 if isinstance(local, bool) and not local else m.sliding_window
+  if (q_BTNH.shape[1] == 1 and not window and not m.attn_softcap
+      and _impl(spec, q_BTNH) == "cudnn"
       and not _cudnn_unsupported(jnp.dtype(q_BTNH.dtype).name, H)):
     out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, _pad_value_dim(v_BSKG, H), scale=scale,
         key_value_seq_lengths=positions_BT[:, 0].astype(jnp.int32) + 1, implementation="cudnn")
     return out_BTNH[..., :G]
-  return xla(q_BTNH, k_BSKH, v_BSKG, cache_mask(positions_BT, k_BSKH.shape[1], window), scale)
+  return _per_layer(local, m.sliding_window, lambda w: xla(
+      q_BTNH, k_BSKH, v_BSKG, cache_mask(positions_BT, k_BSKH.shape[1], w), scale,
+      m.attn_softcap))

@@ -53,7 +53,7 @@ def _layer_sizes(m, kind: str) -> tuple[int, int, int]:
   attention over keys) of one Transformer layer."""
   attention, norms, _ = _attention_sizes(m)
   total, active, macs = _feed_forward_sizes(m, kind)
-  fixed = 2 * m.d_model + norms + attention
+  fixed = (4 if m.post_norms else 2) * m.d_model + norms + attention
   return fixed + total, fixed + active, attention + macs
 
 
@@ -85,7 +85,8 @@ def flops_per_token(m, seq_len: int, training: bool = True, attention: str = "sq
   compute them (the causal half is masked, not skipped); "causal" counts the
   query's own key and those before it, (T + 1) / 2 on average, which is what
   a kernel that skips the masked half computes, and the figure MFU is quoted
-  against (with model.sliding_window, the keys inside the window). Both count
+  against (with model.sliding_window, the keys inside the window, in the layers
+  that keep it: `model.local_layers`). Both count
   over the whole row: in a packed row, keys of earlier documents count too,
   though segment masking hides them. MLA is counted in its expanded form, as
   training runs it. An MoE layer counts its router and
@@ -97,9 +98,13 @@ def flops_per_token(m, seq_len: int, training: bool = True, attention: str = "sq
     raise ValueError(f"attention={attention!r}: expected one of {ATTENTION_COUNTS}")
   D, V = m.d_model, m.vocab_size
   _, _, per_key = _attention_sizes(m)
-  keys = seq_len if attention == "square" else _causal_keys(seq_len, m.sliding_window)
-  layer_macs = lambda kind: _layer_sizes(m, kind)[2] + keys * per_key
-  macs = sum(layer_macs(kind) for kind in model.layer_kinds(m)) + D * V
+  def layer_macs(kind, local=True):
+    window = m.sliding_window if local else 0
+    keys = seq_len if attention == "square" else _causal_keys(seq_len, window)
+    return _layer_sizes(m, kind)[2] + keys * per_key
+
+  macs = sum(layer_macs(kind, local) for kind, local in
+             zip(model.layer_kinds(m), model.local_layers(m))) + D * V
   macs += m.mtp_depth * (2 * D * D + layer_macs("dense") + D * V)
   forward = 2 * macs
   return 3 * forward if training else forward

@@ -4,7 +4,9 @@ N query heads share K key/value heads; rotary embeddings on the whole head.
 Options (model section): `attention_bias` adds biases to the query, key and
 value projections (Qwen2.5); `qk_norm` RMS-normalizes each query and key head
 (learned scale per head dim) before the rotary embedding (Qwen3);
-`sliding_window` limits each query to its last W positions (fmjax/nn/attention.py).
+`sliding_window` limits each query to its last W positions (fmjax/nn/attention.py), in
+every layer or, with `full_attention_every`, in all but every k-th (`local` says which);
+`query_scale_dim` sets the softmax scale (Gemma); `attn_softcap` caps the scores.
 The decoding cache holds each layer's keys and values:
 2 x K x H numbers per token per layer.
 
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 from fmjax.nn import attention, layers, rope
 from fmjax.nn import params as params_lib
-from fmjax.nn.params import Param, normal, ones, zeros
+from fmjax.nn.params import Param, normal, zeros
 from fmjax.nn.sharding import constrain
 from fmjax.nn.spec import head_dim
 
@@ -47,8 +49,8 @@ def decls(m) -> dict:
         "bv": Param((L, K, H), ("layers", "kv_heads", "head_dim"), zeros),
     })
   if m.qk_norm:
-    out.update({"q_head_norm": Param((L, H), ("layers", "head_dim"), ones),
-                "k_head_norm": Param((L, H), ("layers", "head_dim"), ones)})
+    out.update({"q_head_norm": layers.norm_scale((L, H), ("layers", "head_dim"), m),
+                "k_head_norm": layers.norm_scale((L, H), ("layers", "head_dim"), m)})
   return out
 
 
@@ -62,7 +64,8 @@ def rope_dim(m) -> int:
   return head_dim(m)
 
 
-def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, absorbed=False):
+def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, absorbed=False,
+          local=True):
   """Attention output (B, T, D), and the cache with this step's keys and values.
 
   Without a cache, queries attend causally to the keys of their own packed
@@ -83,19 +86,21 @@ def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, ab
   q_BTNH = constrain(q_BTNH, ("batch", "seq", "heads", "head_dim"), rules)
   k_BTKH = constrain(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"), rules)
   if m.qk_norm:
-    q_BTNH = layers.rms_norm(q_BTNH, p["q_head_norm"], m.norm_eps)
-    k_BTKH = layers.rms_norm(k_BTKH, p["k_head_norm"], m.norm_eps)
+    q_BTNH = layers.norm(q_BTNH, p["q_head_norm"], m)
+    k_BTKH = layers.norm(k_BTKH, p["k_head_norm"], m)
   q_BTNH = rope.apply(q_BTNH, cos, sin)
   k_BTKH = rope.apply(k_BTKH, cos, sin)
-  # The softmax scale: 1/sqrt(head dim) (1/head dim under µP), times YaRN's sharpening.
-  scale = params_lib.attention_scale(m, q_BTNH.shape[-1]) * rope.softmax_scale_factor(
-      m.rope_scaling)
+  # The softmax scale: 1/sqrt(head dim or model.query_scale_dim) (1/that under µP), times
+  # YaRN's sharpening.
+  scale = params_lib.attention_scale(m, m.query_scale_dim or q_BTNH.shape[-1]) * (
+      rope.softmax_scale_factor(m.rope_scaling))
   if cache is None:
-    o_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, scale, spec)
+    o_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, scale, spec, local)
   else:
     cache = {"k": layers.write_rows(cache["k"], k_BTKH, start_B),
              "v": layers.write_rows(cache["v"], v_BTKH, start_B)}
     cache = {k: constrain(c, CACHE_AXES[1:], rules) for k, c in cache.items()}
     o_BTNH = attention.attend_cached(q_BTNH, cache["k"].astype(dt), cache["v"].astype(dt),
-                                     layers.positions(start_B, q_BTNH.shape[1]), scale, spec)
+                                     layers.positions(start_B, q_BTNH.shape[1]), scale, spec,
+                                     local)
   return jnp.einsum("btnh,nhd->btd", o_BTNH, p["wo"].astype(dt)), cache

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from fmjax.nn import attention, layers, rope
 from fmjax.nn import params as params_lib
-from fmjax.nn.params import Param, normal, ones, zeros
+from fmjax.nn.params import Param, normal, zeros
 from fmjax.nn.sharding import constrain
 
 
@@ -45,14 +45,14 @@ def decls(m) -> dict:
   if Q:
     query = {
         "wq_a": Param((L, D, Q), ("layers", "embed", "q_lora"), normal(std)),
-        "q_norm": Param((L, Q), ("layers", "q_lora"), ones),
+        "q_norm": layers.norm_scale((L, Q), ("layers", "q_lora"), m),
         "wq_b": Param((L, Q, N, dn + R), ("layers", "q_lora", "heads", "head_dim"), normal(std)),
     }
   else:
     query = {"wq": Param((L, D, N, dn + R), ("layers", "embed", "heads", "head_dim"), normal(std))}
   return dict(query, **{
       "wkv_a": Param((L, D, C + R), ("layers", "embed", "kv_lora"), normal(std)),
-      "kv_norm": Param((L, C), ("layers", "kv_lora"), ones),
+      "kv_norm": layers.norm_scale((L, C), ("layers", "kv_lora"), m),
       "wkv_b": Param((L, C, N, dn + dv), ("layers", "kv_lora", "heads", "head_dim"), normal(std)),
       "wo": Param((L, N, dv, D), ("layers", "heads", "head_dim", "embed"), normal(out_std)),
   })
@@ -81,7 +81,7 @@ def queries(p, x_BTD, cos, sin, spec):
   dt = x_BTD.dtype
   if m.q_lora_rank:
     cq_BTQ = jnp.einsum("btd,dq->btq", x_BTD, p["wq_a"].astype(dt))
-    cq_BTQ = layers.rms_norm(cq_BTQ, p["q_norm"], m.norm_eps)
+    cq_BTQ = layers.norm(cq_BTQ, p["q_norm"], m)
     q_BTNH = jnp.einsum("btq,qnh->btnh", cq_BTQ, p["wq_b"].astype(dt))
   else:
     q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, p["wq"].astype(dt))
@@ -96,7 +96,7 @@ def latents(p, x_BTD, cos, sin, spec):
   kv_BTc = jnp.einsum("btd,dc->btc", x_BTD, p["wkv_a"].astype(x_BTD.dtype))
   kv_BTc = constrain(kv_BTc, ("batch", "seq", "kv_lora"), rules)
   C = m.kv_lora_rank
-  c_BTC = layers.rms_norm(kv_BTc[..., :C], p["kv_norm"], m.norm_eps)
+  c_BTC = layers.norm(kv_BTc[..., :C], p["kv_norm"], m)
   k_rope_BTR = rope.apply(kv_BTc[..., None, C:], cos, sin)[:, :, 0]
   return c_BTC, k_rope_BTR
 
@@ -135,7 +135,8 @@ def attend_absorbed(p, q_nope_BTNd, q_rope_BTNR, c_BSC, k_rope_BSR, attend, spec
   return jnp.einsum("btnc,cng->btng", o_lat_BTNC, wkv_b_CNh[..., dn:])
 
 
-def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, absorbed=False):
+def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, absorbed=False,
+          local=True):
   """Attention output (B, T, D), and the cache with this step's latents.
 
   Without a cache, queries attend causally to the latents of their own packed
@@ -147,10 +148,12 @@ def apply(p, x_BTD, cos, sin, segment_ids_BT, spec, cache=None, start_B=None, ab
   q_nope_BTNd, q_rope_BTNR = queries(p, x_BTD, cos, sin, spec)
   c_BSC, k_rope_BSR = latents(p, x_BTD, cos, sin, spec)
   if cache is None:
-    attend = lambda q, k, v, scale: attention.attend(q, k, v, segment_ids_BT, scale, spec)
+    attend = lambda q, k, v, scale: attention.attend(q, k, v, segment_ids_BT, scale, spec,
+                                                                   local)
   else:
     positions_BT = layers.positions(start_B, x_BTD.shape[1])
-    attend = lambda q, k, v, scale: attention.attend_cached(q, k, v, positions_BT, scale, spec)
+    attend = lambda q, k, v, scale: attention.attend_cached(
+        q, k, v, positions_BT, scale, spec, local)
     cache = {"latent": layers.write_rows(cache["latent"], c_BSC, start_B),
              "k_rope": layers.write_rows(cache["k_rope"], k_rope_BSR, start_B)}
     cache = {"latent": constrain(cache["latent"], ("batch", "seq", "kv_lora"), rules),

@@ -1,4 +1,4 @@
-"""The dense feed-forward block: SwiGLU.
+"""The dense feed-forward block: SwiGLU, or GeGLU with `model.mlp_activation="gelu_tanh"`.
 
 A block's MLP is a module with `decls(m)` (per-layer parameters, stacked
 along 'layers') and `apply(p, x_BTD, spec)`; a mixture of experts is another.
@@ -23,7 +23,6 @@ def decls(m) -> dict:
 
 
 def apply(p, x_BTD, spec):
-  del spec
   dt = x_BTD.dtype
-  return layers.swiglu(x_BTD, p["w_gate"].astype(dt), p["w_up"].astype(dt),
-                       p["w_down"].astype(dt))
+  return layers.gated_mlp(x_BTD, p["w_gate"].astype(dt), p["w_up"].astype(dt),
+                          p["w_down"].astype(dt), spec.model.mlp_activation)

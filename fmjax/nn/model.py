@@ -9,6 +9,8 @@ feed-forward block is the dense MLP (fmjax/nn/mlp.py) or, with
 layers `layer_kinds` says: those stack under params['moe_layers'], the dense
 ones under params['layers'] (a dense model's tree is only that), and
 consecutive layers of one kind run as one scan over a slice of their stack.
+Layers with a sliding window and layers with full attention (`local_layers`:
+Gemma's local/global pattern) share a stack: each scanned layer carries a flag.
 
 Every function takes a `ModelSpec` (fmjax/nn/spec.py): the model reads
 `spec.model` and pins its activations with the rules in `spec.activations`.
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from fmjax.nn import block as block_lib
 from fmjax.nn import layers, moe, mtp
 from fmjax.nn import params as params_lib
-from fmjax.nn.params import Param, normal, ones
+from fmjax.nn.params import Param, normal
 from fmjax.nn.sharding import constrain
 
 ATTENTION = block_lib.ATTENTION
@@ -47,6 +49,13 @@ def stack_sizes(m) -> dict[str, int]:
   return {k: kinds.count(k) for k in STACKS if k in kinds}
 
 
+def local_layers(m) -> list[bool]:
+  """Whether each layer keeps model.sliding_window: all of them, or with
+  full_attention_every = k all but layers k-1, 2k-1, ... (Gemma's local/global layers)."""
+  W, k = m.sliding_window, m.full_attention_every
+  return [bool(W) and not (k and (i + 1) % k == 0) for i in range(m.n_layers)]
+
+
 def runs(m) -> list[tuple[str, int, int]]:
   """(kind, first index in its stack, count) of each run of consecutive layers of one kind."""
   out, seen = [], dict.fromkeys(STACKS, 0)
@@ -65,7 +74,7 @@ def param_decls(m) -> dict:
   decls = {"embed": Param((V, D), ("vocab", "embed"), normal(m.init_std))}
   for kind, n in stack_sizes(m).items():
     decls[STACKS[kind]] = block_lib.decls(m, kind, n)
-  decls["final_norm"] = Param((D,), ("embed",), ones)
+  decls["final_norm"] = layers.norm_scale((D,), ("embed",), m)
   if not m.tie_embeddings:
     decls["unembed"] = Param((D, V), ("embed", "vocab"), normal(m.init_std))
   if m.mtp_depth:
@@ -100,15 +109,24 @@ def _run_layers(block, x_BTD, xs, m):
 def _run_stacks(make_block, x_BTD, stacks, m):
   """Runs every layer in order, `make_block(kind)` folding over slices of `stacks[kind]`.
 
+  The block gets (its slice, local): whether the layer keeps the sliding window
+  (`local_layers`), a Python bool when all layers agree, else a scanned array.
   Returns x and, per kind, the blocks' ys concatenated in stack order.
   """
-  ys = {}
+  ys, local = {}, local_layers(m)
+  mixed, first = len(set(local)) > 1, 0
   for kind, start, count in runs(m):
     xs = stacks[kind]
     if count != jax.tree.leaves(xs)[0].shape[0]:
       xs = jax.tree.map(lambda a: a[start:start + count], xs)
-    x_BTD, y = _run_layers(make_block(kind), x_BTD, xs, m)
+    block = make_block(kind)
+    if mixed:
+      xs = (xs, jnp.asarray(local[first:first + count]))
+    else:
+      block = lambda x, layer, block=block: block(x, (layer, local[0]))
+    x_BTD, y = _run_layers(block, x_BTD, xs, m)
     ys.setdefault(kind, []).append(y)
+    first += count
   return x_BTD, {k: y[0] if len(y) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *y)
                  for k, y in ys.items()}
 
@@ -119,7 +137,10 @@ def embed(params, tokens_BT, spec) -> jax.Array:
     # Gather the table whole first (as FSDP does for every weight): a lookup
     # into a vocab-sharded table is not something the partitioner does well.
     table_VD = constrain(params["embed"], (None, "embed"), rules)
-    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(jnp.dtype(m.dtype))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0)
+    if m.scale_embeddings:  # Gemma: times sqrt(d_model)
+      x_BTD = x_BTD * jnp.float32(m.d_model**0.5)
+    x_BTD = x_BTD.astype(jnp.dtype(m.dtype))
     return constrain(x_BTD, ("batch", "seq", "embed"), rules)
 
 
@@ -127,11 +148,13 @@ def trunk(params, x_BTD, segment_ids_BT, positions_BT, spec):
   """Runs the layers over embeddings: hidden states (B, T, D) before the final norm,
   and the MoE layers' statistics (fmjax.nn.moe.STATS, stacked over MoE layers; {} if none)."""
   m = spec.model
-  cos, sin = block_lib.rope_angles(positions_BT, m)
+  rope_tables = block_lib.layer_rope(positions_BT, m)
 
   def make_block(kind):
-    def block(x_BTD, p):
-      x_BTD, _, stats = block_lib.apply(x_BTD, p, cos, sin, segment_ids_BT, spec, kind)
+    def block(x_BTD, layer):
+      p, local = layer
+      x_BTD, _, stats = block_lib.apply(x_BTD, p, rope_tables, segment_ids_BT, spec, kind,
+                                        local=local)
       return x_BTD, stats
 
     if m.remat != "none":
@@ -144,7 +167,7 @@ def trunk(params, x_BTD, segment_ids_BT, positions_BT, spec):
 
 
 def final_norm(params, x_BTD, spec):
-  return layers.rms_norm(x_BTD, params["final_norm"], spec.model.norm_eps)
+  return layers.norm(x_BTD, params["final_norm"], spec.model)
 
 
 def decode(params, x_BTD, segment_ids_BT, positions_BT, spec) -> jax.Array:
@@ -161,13 +184,13 @@ def decode_cached(params, x_BTD, start_B, cache, spec, absorbed=False):
   a position are masked, whatever they hold (padding, stale entries).
   """
   m = spec.model
-  cos, sin = block_lib.rope_angles(layers.positions(start_B, x_BTD.shape[1]), m)
+  rope_tables = block_lib.layer_rope(layers.positions(start_B, x_BTD.shape[1]), m)
 
   def make_block(kind):
     def block(x_BTD, layer):
-      p, c = layer
-      x_BTD, c, _ = block_lib.apply(x_BTD, p, cos, sin, None, spec, kind, c, start_B,
-                                    absorbed)
+      (p, c), local = layer
+      x_BTD, c, _ = block_lib.apply(x_BTD, p, rope_tables, None, spec, kind, c, start_B,
+                                    absorbed, local)
       return x_BTD, c
     return block
 
@@ -188,6 +211,7 @@ def unembed(params, h_BTD, spec) -> jax.Array:
                             preferred_element_type=jnp.float32)
     if params_lib.is_mup(m):  # µP's output multiplier 1/m (fmjax.nn.params)
       logits_BTV = logits_BTV * params_lib.logit_multiplier(m)
+    logits_BTV = layers.softcap(logits_BTV, m.logit_softcap)  # Gemma 2: cap * tanh(x / cap)
     return constrain(logits_BTV, ("batch", "seq", "vocab"), rules)
 
 

@@ -115,8 +115,8 @@ def apply(p, x_BTD, spec, dropless: bool | None = None):
       x_BTD, idx_BTK, gates_BTK, (p["w_gate"], p["w_up"], p["w_down"]), spec, dropless)
   if e.n_shared_experts:
     dt = x_BTD.dtype
-    y_BTD = y_BTD + layers.swiglu(x_BTD, p["shared_gate"].astype(dt),
-                                  p["shared_up"].astype(dt), p["shared_down"].astype(dt))
+    y_BTD = y_BTD + layers.gated_mlp(x_BTD, p["shared_gate"].astype(dt),
+                                     p["shared_up"].astype(dt), p["shared_down"].astype(dt))
   stats = {
       "load": jnp.sum(jax.nn.one_hot(idx_BTK, e.n_routed_experts, dtype=jnp.float32),
                       axis=(0, 1, 2)),

@@ -21,16 +21,16 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.nn import block, layers
-from fmjax.nn.params import Param, normal, ones
+from fmjax.nn.params import Param, normal
 
 
 def decls(m) -> dict:
   n, D = m.mtp_depth, m.d_model
   return {
-      "hnorm": Param((n, D), ("layers", "embed"), ones),
-      "enorm": Param((n, D), ("layers", "embed"), ones),
+      "hnorm": layers.norm_scale((n, D), ("layers", "embed"), m),
+      "enorm": layers.norm_scale((n, D), ("layers", "embed"), m),
       "proj": Param((n, 2 * D, D), ("layers", None, "embed"), normal(m.init_std)),
-      "norm": Param((n, D), ("layers", "embed"), ones),
+      "norm": layers.norm_scale((n, D), ("layers", "embed"), m),
       "block": block.decls(m, "dense", n),
   }
 
@@ -53,20 +53,21 @@ def add_loss(loss, stats, params, x_BTD, embeddings_BTD, batch, weights_BT, spec
   m = spec.model
   p_all = params["mtp"]
   tokens_BT = batch["tokens"]
-  cos, sin = block.rope_angles(batch["positions"], m)
+  rope_tables = block.layer_rope(batch["positions"], m)
   h_BTD = x_BTD
   weights_k_BT = weights_BT
   nll = jnp.zeros((), jnp.float32)
   for k in range(1, m.mtp_depth + 1):
     p = jax.tree.map(lambda a: a[k - 1], p_all)
     e_BTD = _shift(embeddings_BTD, k)
-    both_BT2D = jnp.concatenate([layers.rms_norm(h_BTD, p["hnorm"], m.norm_eps),
-                                 layers.rms_norm(e_BTD, p["enorm"], m.norm_eps)], axis=-1)
+    both_BT2D = jnp.concatenate([layers.norm(h_BTD, p["hnorm"], m),
+                                 layers.norm(e_BTD, p["enorm"], m)], axis=-1)
     h_BTD = jnp.einsum("btc,cd->btd", both_BT2D, p["proj"].astype(both_BT2D.dtype))
     with jax.named_scope(f"mtp{k}"):
-      h_BTD, _, _ = block.apply(h_BTD, p["block"], cos, sin, batch["segment_ids"], spec, "dense")
+      h_BTD, _, _ = block.apply(h_BTD, p["block"], rope_tables, batch["segment_ids"], spec,
+                                "dense")
     weights_k_BT = weights_k_BT * _shift(weights_BT, k)
-    logits_BTV = unembed(layers.rms_norm(h_BTD, p["norm"], m.norm_eps))
+    logits_BTV = unembed(layers.norm(h_BTD, p["norm"], m))
     _, s = cross_entropy_sums(logits_BTV, _shift(tokens_BT, k + 1), weights_k_BT, 0.0)
     nll = nll + s["nll"]
   return loss + m.mtp_weight / m.mtp_depth * nll, dict(stats, mtp_nll=nll)

@@ -74,6 +74,16 @@ def zeros(key, shape, dtype):
   return jnp.zeros(shape, dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class constant:  # noqa: N801  (an initializer, named like `ones` and `zeros`)
+  """Every entry `value`."""
+  value: float
+
+  def __call__(self, key, shape, dtype):
+    del key
+    return jnp.full(shape, self.value, dtype)
+
+
 def _is_param(x) -> bool:
   return isinstance(x, Param)
 
@@ -151,7 +161,7 @@ def _grows(p: Param, dims, d_model: int) -> bool:
 def role(p: Param, d_model: int) -> str:
   """'vector', 'input', 'hidden', 'output' or 'logits' (see the module docstring)."""
   dims = matrix_dims(p)
-  if dims is None or p.init in CONSTANT_INITS:
+  if dims is None or p.init in CONSTANT_INITS or isinstance(p.init, constant):
     return "vector"
   ins, outs = dims
   wide_in, wide_out = _grows(p, ins, d_model), _grows(p, outs, d_model)

@@ -33,8 +33,8 @@ import numpy as np
 
 
 def inv_frequencies(dim: int, theta: float, scaling) -> np.ndarray:
-  """The dim/2 angular frequencies (radians per position), after scaling."""
-  kind, factor = scaling.kind, float(scaling.factor)
+  """The dim/2 angular frequencies (radians per position), after scaling (None: none)."""
+  kind, factor = (scaling.kind, float(scaling.factor)) if scaling else ("none", 1.0)
   if kind == "ntk":
     theta = theta * factor ** (dim / (dim - 2))
   inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
