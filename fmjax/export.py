@@ -5,7 +5,8 @@
 Writes OUT/checkpoints/<step> holding the model's parameters only (W + (alpha/r) A B
 for every adapted weight; heads and adapters dropped) and OUT/config.json
 (the run's, with lora.rank = 0 and objective next_token), so OUT can be another
-run's checkpoint.init_from or objective.dpo.reference.
+run's checkpoint.init_from or objective.dpo.reference. A reward model keeps its
+head and its objective: OUT is an objective.rl.reward_model as its run was.
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from fmjax.train import checkpoint, records, trained_run
 
 
 def merged_params(params, cfg) -> dict:
-  """The model's parameters with the adapters merged in, without heads or adapters."""
-  return {k: v for k, v in lora.merge(params, cfg.lora).items() if k not in plan.ADDED}
+  """The model's parameters with the adapters merged in, without heads or adapters
+  (a reward model's head is its output: it stays)."""
+  kept = ("head",) if _is_reward_model(cfg) else ()
+  return {k: v for k, v in lora.merge(params, cfg.lora).items()
+          if k not in plan.ADDED or k in kept}
+
+
+def _is_reward_model(cfg) -> bool:
+  return cfg.objective.name == "reward_model"
 
 
 def main(argv=None) -> int:
@@ -45,7 +53,7 @@ def _main(argv) -> int:
   merged = jax.jit(lambda p: merged_params(p, cfg))(params)
   out_cfg = cfg.copy_and_resolve_references()
   out_cfg.lora.rank = 0
-  out_cfg.objective.name = "next_token"
+  out_cfg.objective.name = "reward_model" if _is_reward_model(cfg) else "next_token"
   os.makedirs(args.out, exist_ok=True)
   with checkpoint.Checkpointer(os.path.join(args.out, "checkpoints"), keep=1) as ckpt:
     ckpt.save(step, {"step": jax.numpy.asarray(step, jax.numpy.int32), "params": merged},

@@ -13,7 +13,10 @@ from conftest import tiny_config
 from fmjax.data import tasks
 from fmjax.nn import params as params_lib
 from fmjax.posttrain import reward_model
-from fmjax.train import objectives, state as state_lib, step as step_lib
+from fmjax import export
+from fmjax.posttrain import plan
+from fmjax.train import checkpoint, inputs, objectives, records, state as state_lib
+from fmjax.train import step as step_lib
 from fmjax.runtime import distributed
 from test_posttrain import make_setup
 
@@ -108,3 +111,33 @@ def test_preferences_from_a_jsonl_file(tmp_path):
   path.write_text('{"prompt": "x", "chosen": "y"}\n')
   with pytest.raises(ValueError, match="prefs.jsonl:1 is not a JSON record"):
     tasks.PreferenceFile(str(path), "train")
+
+
+def test_an_exported_lora_reward_model_keeps_its_head_and_scores_the_same(tmp_path):
+  """fmjax.export merges a LoRA reward model's adapters and keeps its head and objective,
+  so the export is an objective.rl.reward_model giving the run's rewards."""
+  cfg = rm_config()
+  cfg.lora.update(rank=2, targets=r"layers\.w[qv]$")
+  s = make_setup(cfg, dict(data=1, fsdp=1, tensor=1))
+  state = state_lib.init_state(s, seed=0)
+  rng = np.random.default_rng(0)  # adapters and head away from their initial values
+  state["params"] = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape),
+                                 state["params"])
+  workdir = tmp_path / "rm"
+  with checkpoint.Checkpointer(str(workdir / "checkpoints"), keep=1) as ckpt:
+    ckpt.save(3, state)
+  records.write_json(str(workdir / "config.json"), cfg.to_dict())
+  assert export.main([f"--workdir={workdir}", f"--out={tmp_path / 'merged'}"]) == 0
+  with open(tmp_path / "merged" / "config.json") as f:
+    saved = json.load(f)
+  assert saved["objective"]["name"] == "reward_model" and saved["lora"]["rank"] == 0
+  batch = preference_batch(np.random.default_rng(5), cfg, 8)
+  rows = {k: batch[f"chosen_{k}"] for k in ("tokens", "segment_ids", "positions")}
+  want = reward_model.rewards(plan.model_params(state["params"], cfg), rows["tokens"],
+                              rows["segment_ids"], rows["positions"], s.spec)
+  policy = cfg.copy_and_resolve_references()
+  policy.lora.rank = 0
+  policy.objective.rl.reward_model = str(tmp_path / "merged")
+  score = inputs.load_reward_model(policy, make_setup(policy, dict(data=1, fsdp=1, tensor=1)))
+  np.testing.assert_allclose(score(rows), want, rtol=1e-5, atol=1e-6)
+  assert np.ptp(np.asarray(want)) > 1e-3  # the head is not a constant
