@@ -322,7 +322,7 @@ HF_CASES = {
     "garbage_config": (_garbage_config, "config.json is unreadable (JSONDecodeError"),
     "another_architecture": (_edit_config(model_type="phi3"), "model_type='phi3' is not "
                              "supported; fmjax converts llama, qwen2, qwen3, mistral, qwen3_moe, "
-                             "mixtral, deepseek_v3 models"),
+                             "mixtral, deepseek_v3, gemma, gemma2, gemma3_text models"),
     "rope_longrope": (_edit_config(rope_scaling=dict(rope_type="longrope", factor=8.0)),
                       "rope scaling type 'longrope' is not supported; fmjax has linear, yarn, "
                       "llama3"),

@@ -393,8 +393,8 @@ def mtp_reference_log_probs(params, batch, cfg):
   rms = lambda v, g: v * jax.lax.rsqrt(jnp.mean(v * v, -1, keepdims=True) + m.norm_eps) * g
   e_next = jnp.concatenate([x0[:, 1:], jnp.zeros_like(x0[:, :1])], 1)
   h = jnp.concatenate([rms(x, p["hnorm"]), rms(e_next, p["enorm"])], -1) @ p["proj"]
-  cos, sin = block.rope_angles(batch["positions"], m)
-  h, _, _ = block.apply(h, p["block"], cos, sin, batch["segment_ids"], spec, "dense")
+  rope_tables = block.layer_rope(batch["positions"], m)
+  h, _, _ = block.apply(h, p["block"], rope_tables, batch["segment_ids"], spec, "dense")
   return jax.nn.log_softmax(model.unembed(params, rms(h, p["norm"]), spec), -1)
 
 

@@ -63,10 +63,10 @@ def activations(params, tokens_BT, spec) -> dict:
   stack = params["layers"]
   for i in range(m.n_layers):  # block_lib.apply's two halves, their outputs kept
     p = jax.tree.map(lambda a: a[i], stack)
-    h_BTD = layers.rms_norm(x_BTD, p["attn_norm"], m.norm_eps)
+    h_BTD = layers.norm(x_BTD, p["attn_norm"], m)
     a_BTD, _ = block_lib.ATTENTION[m.attention].apply(p, h_BTD, cos, sin, segments_BT, spec)
     x_BTD = x_BTD + a_BTD
-    y_BTD = mlp.apply(p, layers.rms_norm(x_BTD, p["mlp_norm"], m.norm_eps), spec)
+    y_BTD = mlp.apply(p, layers.norm(x_BTD, p["mlp_norm"], m), spec)
     x_BTD = x_BTD + y_BTD
     out["attention"] += rms(a_BTD) / m.n_layers
     out["mlp"] += rms(y_BTD) / m.n_layers
