@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -12,6 +13,8 @@ from fmjax import config as config_lib
 from fmjax.nn import cost
 from fmjax import eval as eval_command, sweep as sweep_command
 from fmjax.scaling import sizing, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from fmjax.train.records import write_json
 
 from conftest import tiny_config
@@ -182,3 +185,22 @@ def test_sweep_runs_members_records_them_and_skips_finished_ones(tmp_path, data_
 def test_a_file_without_sweep_gets_a_clear_error(capsys):
   assert sweep_command.main(["--config=experiments/pretrain_tiny.py", "--workdir=/tmp/unused"]) == 2
   assert "declares no sweep()" in capsys.readouterr().err
+
+
+def test_a_members_command_gives_fmjax_main_the_members_config():
+  """Overrides of every type (string ones too, sweep-wide or the member's own) reach
+  fmjax.main as the member has them: its --print_config shows the member's values."""
+  path = os.path.join(REPO, "experiments", "scaling_tiny.py")
+  common = {"model.parametrization": "mup", "model.mup_base_width": 32,
+            "optimizer.clip_norm": 0.0, "data.mixture": "kjv:0.5, synthetic:0.5",
+            "train.progress": False}
+  member = sweep.expand(path, common)[5]
+  argv = sweep.command(path, member, "/tmp/unused", python=sys.executable)
+  assert "--config.model.parametrization=mup" in argv
+  r = subprocess.run(argv[:-1] + ["--print_config"], cwd=REPO, capture_output=True, text=True,
+                     timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+  assert r.returncode == 0, r.stderr
+  shown = r.stdout.splitlines()
+  for key, value in member.overrides.items():  # printed as YAML: booleans in lower case
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    assert f"  {key.split('.')[-1]}: {text}" in shown, key

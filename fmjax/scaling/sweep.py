@@ -122,8 +122,8 @@ def expand(path: str, common: dict | None = None) -> list[Member]:
 def command(path: str, member: Member, workdir: str, python: str = "python") -> list[str]:
   """The launch command that trains `member` into workdir/<name>."""
   args = [python, "-m", "fmjax.main", f"--config={path}"]
-  for key, value in member.overrides.items():
-    args.append(f"--config.{key}={value!r}" if isinstance(value, str) else f"--config.{key}={value}")
+  for key, value in member.overrides.items():  # as fmjax.main's flags read them: no quotes
+    args.append(f"--config.{key}={value}")
   return args + [f"--workdir={os.path.join(workdir, member.name)}"]
 
 
