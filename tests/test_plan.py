@@ -51,6 +51,9 @@ def test_plan_matches_the_closed_form(records):
   points = fit_lib.load_points(records)
   C = 4 * BUDGETS[-1]
   plan = plan_lib.make_plan(points, C, target_loss=law(*closed_form(C)), bootstrap=4)
+  # The refits price any (N, D): the run's interval holds the law.
+  loss, interval = plan_lib.predict_run(plan["approach3"], 2e5, 3e6)
+  assert loss == pytest.approx(law(2e5, 3e6), rel=2e-3) and interval[0] <= loss <= interval[1]
   N, D = closed_form(C)
   a3 = plan["approach3"]
   assert a3["N"] == pytest.approx(N, rel=0.03)
@@ -89,3 +92,8 @@ def test_plan_command_writes_a_runnable_experiment(records, tmp_path, capsys):
   assert cfg.train.tokens == pytest.approx(D, rel=0.05)
   assert cfg.optimizer.lr == 3e-3 and cfg.train.batch_size == 16  # the template's
   assert "Approach 3" in out.read_text()  # the plan's numbers are in its docstring
+  # The run as written is priced at its own N and D (the dial's depth, the plan's tokens).
+  with open(out.with_suffix(".json")) as f:
+    run = json.load(f)["run"]
+  assert run["params"] == n and run["loss"] == pytest.approx(law(n, cfg.train.tokens), rel=2e-3)
+  assert "the planned run's own loss" in printed

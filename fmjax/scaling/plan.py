@@ -70,7 +70,17 @@ def approach3(N, D, L, C: float, bootstrap: int = 100, seed: int = 0):
     out[k] = float(best[k])
     out[k + "_interval"] = _interval([s[k] for s in samples]) if samples else None
   out["tokens_per_param"] = out["D"] / out["N"]
+  # the refits' laws, so that the run the plan writes is priced with an interval too
+  out["refits"] = [[f.E, f.A, f.alpha, f.B, f.beta] for f in fits]
   return out, fit, fits
+
+
+def predict_run(a3: dict, N: float, D: float) -> tuple[float, list[float]]:
+  """Approach 3's loss at (N, D) and its interval over the bootstrap refits."""
+  law = lambda E, A, alpha, B, beta: E + A / N**alpha + B / D**beta
+  f = a3["fit"]
+  return (float(law(f["E"], f["A"], f["alpha"], f["B"], f["beta"])),
+          _interval([law(*p) for p in a3["refits"]]) if a3["refits"] else None)
 
 
 def approach2(N, D, L, C_runs, C: float, bootstrap: int = 100, seed: int = 0) -> dict:
@@ -286,6 +296,9 @@ def make_cfg(template, plan: dict, count: str):
                  "parametrization": cfg.model.get("parametrization", "sp"),
                  "flops": resolved.train.steps * sizing.tokens_per_step(resolved) *
                  cost.flops_per_token(resolved.model, cfg.data.seq_len)}
+  # The dial's depth is not N: the loss of the run as written (its N, its tokens)
+  plan["run"]["loss"], plan["run"]["loss_interval"] = predict_run(
+      plan["approach3"], n, plan["run"]["tokens"])
   return cfg
 
 
@@ -369,6 +382,12 @@ def report(plan: dict) -> str:
                  f"{r['seq_len']}, {r['flops']:.3g} FLOPs; lr {r['lr']:g} ({r['parametrization']}"
                  + (": transferred from the sweep's widths by µP)" if r["parametrization"] == "mup"
                     else ": SP does not transfer the learning rate across widths; retune it)"))
+    lines.append(f"  the planned run's own loss (its N and D, not the optimum's): "
+                 f"{r['loss']:.4f}{_ci(r['loss_interval'])}")
+    if abs(r["flops"] / plan["C"] - 1) > 0.1:
+      lines.append(f"  note: the run costs {r['flops']:.3g} FLOPs by fmjax's count, "
+                   f"{r['flops'] / plan['C']:.2f} C: Approach 3 counts C as 6 N D (N with "
+                   "the embeddings), which differs from fmjax's count at this size")
   return "\n".join(lines)
 
 
