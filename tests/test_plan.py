@@ -89,11 +89,41 @@ def test_plan_command_writes_a_runnable_experiment(records, tmp_path, capsys):
   n = cost.param_counts(cfg.model)["total"]
   # The dial's nearest depth: within the step between two depths of N.
   assert abs(math.log(n / N)) < math.log(2.5)
-  assert cfg.train.tokens == pytest.approx(D, rel=0.05)
+  # trained for the budget: its tokens at its own FLOPs per token spend C
+  tokens = cfg.train.steps * sizing.tokens_per_step(cfg)
+  assert tokens * cost.flops_per_token(cfg.model, cfg.data.seq_len) == pytest.approx(C, rel=1e-3)
   assert cfg.optimizer.lr == 3e-3 and cfg.train.batch_size == 16  # the template's
   assert "Approach 3" in out.read_text()  # the plan's numbers are in its docstring
   # The run as written is priced at its own N and D (the dial's depth, the plan's tokens).
   with open(out.with_suffix(".json")) as f:
     run = json.load(f)["run"]
-  assert run["params"] == n and run["loss"] == pytest.approx(law(n, cfg.train.tokens), rel=2e-3)
+  assert run["params"] == n and run["tokens"] == tokens
+  assert run["loss"] == pytest.approx(law(n, tokens), rel=2e-3)
   assert "the planned run's own loss" in printed
+
+
+def test_the_budget_is_spent_at_the_runs_own_flops_per_token(tmp_path):
+  """Records whose FLOPs are c N^p D (fmjax's count is not 6 N D at small sizes): the plan
+  spends C at that count, N_opt = (alpha A C^beta / (p beta B c^beta))^(1/(alpha + p beta))."""
+  c, p = 3.0, 1.1
+  path = tmp_path / "records.jsonl"
+  rng = np.random.default_rng(1)
+  with open(path, "w") as f:
+    for C in BUDGETS:
+      n_opt, _ = closed_form(C)
+      for k in (-2, -1, 0, 1, 2):
+        N = n_opt * 2.0**k
+        D = C / (c * N**p)
+        loss = law(N, D) * (1 + 1e-4 * rng.standard_normal())
+        f.write(json.dumps({"params": N, "tokens": D, "flops": C, "final_eval_loss": loss}) + "\n")
+  C = 4 * BUDGETS[-1]
+  plan = plan_lib.make_plan(fit_lib.load_points(str(path)), C, bootstrap=0, holdout=False)
+  assert plan["flops_per_token"]["c"] == pytest.approx(c, rel=1e-6)
+  assert plan["flops_per_token"]["p"] == pytest.approx(p, rel=1e-6)
+  N = (ALPHA * A * C**BETA / (p * BETA * B * c**BETA)) ** (1 / (ALPHA + p * BETA))
+  a3 = plan["approach3"]
+  assert a3["N"] == pytest.approx(N, rel=0.03)
+  assert c * a3["N"]**p * a3["D"] == pytest.approx(C, rel=1e-9)  # the budget, spent
+  # no other N on the budget does better
+  for other in (0.8 * a3["N"], 1.25 * a3["N"]):
+    assert law(other, C / (c * other**p)) > law(a3["N"], a3["D"])

@@ -320,14 +320,30 @@ def refit(fit: ParametricFit, N, D, L, rows, delta: float = 1e-3,
   return _to_fit(res.x, res.fun)
 
 
-def compute_optimal(fit: ParametricFit, C):
-  """N_opt, D_opt and tokens per parameter minimising fit.predict under C = 6 N D."""
+def compute_optimal(fit: ParametricFit, C, per_token=(6.0, 1.0)):
+  """N_opt, D_opt and tokens per parameter minimising fit.predict under C = c N^p D.
+
+  `per_token` = (c, p): the training FLOPs per token of a model of N parameters,
+  c N^p; Chinchilla's 6 N by default. Setting dL/dN = 0 along the budget,
+  N_opt = (alpha A C^beta / (p beta B c^beta))^(1 / (alpha + p beta)).
+  """
+  c, p = per_token
   C = np.asarray(C, np.float64)
-  a, b = fit.beta / (fit.alpha + fit.beta), fit.alpha / (fit.alpha + fit.beta)
-  G = (fit.alpha * fit.A / (fit.beta * fit.B)) ** (1 / (fit.alpha + fit.beta))
-  N = G * (C / 6) ** a
-  D = (C / 6) / N
+  with np.errstate(divide="ignore"):  # a degenerate refit (A or B = 0): N or D infinite
+    N = (fit.alpha * fit.A * C**fit.beta / (p * fit.beta * fit.B * c**fit.beta)) ** (
+        1 / (fit.alpha + p * fit.beta))
+    D = C / (c * N**p)
   return {"N": N, "D": D, "tokens_per_param": D / N, "loss": fit.predict(N, D)}
+
+
+def flops_per_token_law(N, D, C) -> tuple[float, float]:
+  """(c, p) of FLOPs per token = c N^p, least squares in log space over runs of N
+  parameters trained on D tokens for C FLOPs (a sweep's own FLOP count)."""
+  per_token = np.asarray(C, np.float64) / D
+  if len(np.unique(N)) < 2:  # one size: no exponent to fit, proportional to N
+    return float(np.exp(np.mean(np.log(per_token / N)))), 1.0
+  p, log_c = np.polyfit(np.log(N), np.log(per_token), 1)
+  return float(np.exp(log_c)), float(p)
 
 
 # ---------------------------------------------------------------------------

@@ -56,15 +56,16 @@ def _resamples(n_runs: int, bootstrap: int, seed: int):
   return [rng.integers(0, n_runs, n_runs) for _ in range(bootstrap)]
 
 
-def approach3(N, D, L, C: float, bootstrap: int = 100, seed: int = 0):
+def approach3(N, D, L, C: float, bootstrap: int = 100, seed: int = 0, per_token=(6.0, 1.0)):
   """Approach 3 at budget C: ({N, D, loss and their intervals, the fit}, the fit, its
-  bootstrap refits)."""
+  bootstrap refits). The budget is spent at `per_token` = (c, p) FLOPs per token,
+  c N^p (fit.flops_per_token_law of the runs: the unit the runs' budgets are in)."""
   fit = fit_lib.fit_parametric(N, D, L)
   fits = [fit_lib.refit(fit, N, D, L, rows) for rows in _resamples(len(L), bootstrap, seed)]
   fit.intervals = {k: tuple(_interval([getattr(f, k) for f in fits]))
                    for k in fit_lib.PARAMETRIC_NAMES} if fits else {}
-  best = fit_lib.compute_optimal(fit, C)
-  samples = [fit_lib.compute_optimal(f, C) for f in fits]
+  best = fit_lib.compute_optimal(fit, C, per_token)
+  samples = [fit_lib.compute_optimal(f, C, per_token) for f in fits]
   out = {"fit": fit.as_dict()}
   for k in ("N", "D", "loss"):
     out[k] = float(best[k])
@@ -134,24 +135,25 @@ def disagreements(a2: dict, a3: dict) -> list[str]:
   return [k for k in ("N", "D") if not _overlap(a2.get(k + "_interval"), a3.get(k + "_interval"))]
 
 
-def budget_for_loss(fit, target: float):
+def budget_for_loss(fit, target: float, per_token=(6.0, 1.0)):
   """The smallest C whose compute-optimal loss under `fit` is `target`; None if it is
   at or below the fit's irreducible loss E."""
   if target <= fit.E:
     return None
   lo, hi = 1.0, 1e40
-  if float(fit_lib.compute_optimal(fit, lo)["loss"]) <= target:
+  if float(fit_lib.compute_optimal(fit, lo, per_token)["loss"]) <= target:
     return lo
   for _ in range(200):  # bisection in log C: the optimal loss falls with C
     mid = math.sqrt(lo * hi)
-    if float(fit_lib.compute_optimal(fit, mid)["loss"]) > target:
+    if float(fit_lib.compute_optimal(fit, mid, per_token)["loss"]) > target:
       lo = mid
     else:
       hi = mid
   return hi
 
 
-def holdout_largest(N, D, L, C_runs, bootstrap: int = 100, seed: int = 0) -> dict:
+def holdout_largest(N, D, L, C_runs, bootstrap: int = 100, seed: int = 0,
+                    per_token=(6.0, 1.0)) -> dict:
   """The fit without the largest budget, predicting it: its runs' losses (mean |relative
   error|) and its best loss against the compute-optimal loss planned for it."""
   labels = fit_lib.group_budgets(C_runs)
@@ -160,7 +162,7 @@ def holdout_largest(N, D, L, C_runs, bootstrap: int = 100, seed: int = 0) -> dic
   if len(keep) < 5 or len(np.unique(labels)) < 2:
     return {"skipped": "needs 2 or more budgets and 5 or more runs outside the largest"}
   C_held = float(np.exp(np.mean(np.log(C_runs[held]))))
-  a3, fit, fits = approach3(N[keep], D[keep], L[keep], C_held, bootstrap, seed)
+  a3, fit, fits = approach3(N[keep], D[keep], L[keep], C_held, bootstrap, seed, per_token)
   pred = fit.predict(N[held], D[held])
   i = np.flatnonzero(held)[np.argmin(L[held])]
   run_samples = [float(f.predict(N[i], D[i])) for f in fits]
@@ -281,22 +283,24 @@ def get_config():
 
 
 def make_cfg(template, plan: dict, count: str):
-  """The template with the plan's depth and tokens (train.tokens), horizons cleared."""
+  """The template at the dial's depth nearest the plan's N, trained for the budget C
+  (train.flops: its tokens are C over that model's own FLOPs per token)."""
   cfg = config_lib.from_json(config_lib.to_json(template))
   depth, n = choose_depth(cfg.model, plan["approach3"]["N"], count)
   cfg.model.depth = depth
-  cfg.train.update(tokens=int(round(plan["approach3"]["D"])), flops=0.0, tokens_per_param=0.0)
+  cfg.train.update(tokens=0, flops=float(plan["C"]), tokens_per_param=0.0)
   cfg.optimizer.decay_steps = 0
   cfg.checkpoint.init_from = ""
   resolved = sizing.resolve(cfg)
   plan["run"] = {"depth": depth, "params": n, "count": count, "d_model": resolved.model.d_model,
-                 "n_layers": resolved.model.n_layers, "tokens": cfg.train.tokens,
+                 "n_layers": resolved.model.n_layers,
+                 "tokens": resolved.train.steps * sizing.tokens_per_step(resolved),
                  "steps": resolved.train.steps, "batch_size": cfg.train.batch_size,
                  "seq_len": cfg.data.seq_len, "lr": cfg.optimizer.lr,
                  "parametrization": cfg.model.get("parametrization", "sp"),
                  "flops": resolved.train.steps * sizing.tokens_per_step(resolved) *
                  cost.flops_per_token(resolved.model, cfg.data.seq_len)}
-  # The dial's depth is not N: the loss of the run as written (its N, its tokens)
+  # The dial's depth is not N, nor its tokens D: the loss of the run as written
   plan["run"]["loss"], plan["run"]["loss_interval"] = predict_run(
       plan["approach3"], n, plan["run"]["tokens"])
   return cfg
@@ -310,19 +314,24 @@ def make_plan(points, C: float, target_loss: float | None = None, bootstrap: int
               holdout: bool = True, seed: int = 0) -> dict:
   """Every number of the plan for budget C, from a table's `points` (fit.Points)."""
   N, D, L, C_runs = points.N, points.D, points.L, points.C
-  a3, fit, fits = approach3(N, D, L, C, bootstrap, seed)
+  # C is in the runs' own FLOP unit (fmjax's count, or 6 N D for a table without one):
+  # Approach 3 spends it at their FLOPs per token, c N^p, as Approach 2's budgets do
+  per_token = fit_lib.flops_per_token_law(N, D, C_runs)
+  a3, fit, fits = approach3(N, D, L, C, bootstrap, seed, per_token)
   plan = {"C": float(C), "runs": int(len(L)), "columns": dict(points.columns),
+          "flops_per_token": {"c": per_token[0], "p": per_token[1]},
           "approach3": a3, "approach2": approach2(N, D, L, C_runs, C, bootstrap, seed)}
   plan["disagree"] = disagreements(plan["approach2"], a3)
   if target_loss is not None:
-    c = budget_for_loss(fit, target_loss)
-    samples = [budget_for_loss(f, target_loss) for f in fits]
+    c = budget_for_loss(fit, target_loss, per_token)
+    samples = [budget_for_loss(f, target_loss, per_token) for f in fits]
     plan["target"] = {"loss": target_loss, "C": c, "C_interval": _interval(
         [s if s is not None else float("inf") for s in samples]) if samples else None}
     if c is not None:
-      plan["target"].update({k: float(v) for k, v in fit_lib.compute_optimal(fit, c).items()})
+      plan["target"].update({k: float(v) for k, v in
+                             fit_lib.compute_optimal(fit, c, per_token).items()})
   if holdout:
-    plan["holdout"] = holdout_largest(N, D, L, C_runs, bootstrap, seed)
+    plan["holdout"] = holdout_largest(N, D, L, C_runs, bootstrap, seed, per_token)
   plan["downstream"] = downstream_predictions(points.rows, L, a3["loss"], a3["loss_interval"])
   return plan
 
@@ -336,6 +345,8 @@ def report(plan: dict) -> str:
   f = a3["fit"]
   lines = [f"Plan for C = {plan['C']:.3g} FLOPs from {plan['runs']} runs "
            f"({int(LEVEL * 100)}% bootstrap intervals):",
+           f"  FLOPs per token of the runs: {plan['flops_per_token']['c']:.4g} "
+           f"N^{plan['flops_per_token']['p']:.4g} (6 N for 6 N D)",
            f"  Approach 3, L(N, D) = {f['E']:.4g} + {f['A']:.4g}/N^{f['alpha']:.4g} + "
            f"{f['B']:.4g}/D^{f['beta']:.4g}:",
            f"    N = {a3['N']:.4g}{_ci(a3['N_interval'])}, D = {a3['D']:.4g}"
@@ -384,10 +395,6 @@ def report(plan: dict) -> str:
                     else ": SP does not transfer the learning rate across widths; retune it)"))
     lines.append(f"  the planned run's own loss (its N and D, not the optimum's): "
                  f"{r['loss']:.4f}{_ci(r['loss_interval'])}")
-    if abs(r["flops"] / plan["C"] - 1) > 0.1:
-      lines.append(f"  note: the run costs {r['flops']:.3g} FLOPs by fmjax's count, "
-                   f"{r['flops'] / plan['C']:.2f} C: Approach 3 counts C as 6 N D (N with "
-                   "the embeddings), which differs from fmjax's count at this size")
   return "\n".join(lines)
 
 
