@@ -31,20 +31,24 @@ def closed_form(C):
   return N, C / (6 * N)
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory):
-  """An IsoFLOP design of the known law: 5 sizes around each budget's optimum."""
-  path = tmp_path_factory.mktemp("plan") / "records.jsonl"
-  rng = np.random.default_rng(0)
+def write_records(path, c: float = 6.0, p: float = 1.0, seed: int = 0) -> str:
+  """An IsoFLOP design of the known law: 5 sizes around each budget's optimum, each run
+  spending its budget C at c N^p FLOPs per token."""
+  rng = np.random.default_rng(seed)
   with open(path, "w") as f:
     for C in BUDGETS:
       n_opt, _ = closed_form(C)
       for k in (-2, -1, 0, 1, 2):
         N = n_opt * 2.0**k
-        D = C / (6 * N)
+        D = C / (c * N**p)
         loss = law(N, D) * (1 + 1e-4 * rng.standard_normal())
         f.write(json.dumps({"params": N, "tokens": D, "flops": C, "final_eval_loss": loss}) + "\n")
   return str(path)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+  return write_records(tmp_path_factory.mktemp("plan") / "records.jsonl")
 
 
 def test_plan_matches_the_closed_form(records):
@@ -106,18 +110,9 @@ def test_the_budget_is_spent_at_the_runs_own_flops_per_token(tmp_path):
   """Records whose FLOPs are c N^p D (fmjax's count is not 6 N D at small sizes): the plan
   spends C at that count, N_opt = (alpha A C^beta / (p beta B c^beta))^(1/(alpha + p beta))."""
   c, p = 3.0, 1.1
-  path = tmp_path / "records.jsonl"
-  rng = np.random.default_rng(1)
-  with open(path, "w") as f:
-    for C in BUDGETS:
-      n_opt, _ = closed_form(C)
-      for k in (-2, -1, 0, 1, 2):
-        N = n_opt * 2.0**k
-        D = C / (c * N**p)
-        loss = law(N, D) * (1 + 1e-4 * rng.standard_normal())
-        f.write(json.dumps({"params": N, "tokens": D, "flops": C, "final_eval_loss": loss}) + "\n")
+  path = write_records(tmp_path / "records.jsonl", c, p, seed=1)
   C = 4 * BUDGETS[-1]
-  plan = plan_lib.make_plan(fit_lib.load_points(str(path)), C, bootstrap=0, holdout=False)
+  plan = plan_lib.make_plan(fit_lib.load_points(path), C, bootstrap=0, holdout=False)
   assert plan["flops_per_token"]["c"] == pytest.approx(c, rel=1e-6)
   assert plan["flops_per_token"]["p"] == pytest.approx(p, rel=1e-6)
   N = (ALPHA * A * C**BETA / (p * BETA * B * c**BETA)) ** (1 / (ALPHA + p * BETA))
