@@ -72,16 +72,15 @@ def approach3(N, D, L, C: float, bootstrap: int = 100, seed: int = 0, per_token=
     out[k + "_interval"] = _interval([s[k] for s in samples]) if samples else None
   out["tokens_per_param"] = out["D"] / out["N"]
   # the refits' laws, so that the run the plan writes is priced with an interval too
-  out["refits"] = [[f.E, f.A, f.alpha, f.B, f.beta] for f in fits]
+  out["refits"] = [{k: getattr(f, k) for k in fit_lib.PARAMETRIC_NAMES} for f in fits]
   return out, fit, fits
 
 
 def predict_run(a3: dict, N: float, D: float) -> tuple[float, list[float]]:
   """Approach 3's loss at (N, D) and its interval over the bootstrap refits."""
-  law = lambda E, A, alpha, B, beta: E + A / N**alpha + B / D**beta
-  f = a3["fit"]
-  return (float(law(f["E"], f["A"], f["alpha"], f["B"], f["beta"])),
-          _interval([law(*p) for p in a3["refits"]]) if a3["refits"] else None)
+  law = lambda p: float(fit_lib.ParametricFit(
+      **{k: p[k] for k in fit_lib.PARAMETRIC_NAMES}, objective=0.0).predict(N, D))
+  return law(a3["fit"]), _interval([law(p) for p in a3["refits"]]) if a3["refits"] else None
 
 
 def approach2(N, D, L, C_runs, C: float, bootstrap: int = 100, seed: int = 0) -> dict:
