@@ -10,6 +10,7 @@ import errno
 import glob
 import json
 import os
+import select
 import shutil
 import signal
 import struct
@@ -181,13 +182,19 @@ def test_a_second_ctrl_c_aborts_at_once():
                           stderr=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == "ready"
   proc.send_signal(signal.SIGINT)
-  time.sleep(0.5)
+  # Wait until the handler has run (it writes the notice), so that the second signal is
+  # not merged with the first on a busy machine.
+  err, deadline = "", time.time() + 60
+  while "press Ctrl-C again" not in err and time.time() < deadline:
+    ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+    if ready:
+      err += os.read(proc.stderr.fileno(), 4096).decode()
+  assert "stopping after this step with a checkpoint" in err
   assert proc.poll() is None  # the first one only asks the run to stop
   proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=10)
+  out, rest = proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGINT  # 130 in a shell
-  assert "stopping after this step with a checkpoint" in err
-  assert "Traceback" not in err
+  assert "Traceback" not in err + rest
 
 
 def test_sigterm_and_ctrl_c_share_the_stop_request():
