@@ -49,6 +49,15 @@ Measured (2026-11-30, a 2-core CPU shared with three other jobs; 2 fake devices)
   What RL gains here is a sharper sampling distribution, not new argmax answers;
   larger learning rates add noise that the tiny model's digit lookups do not
   survive.
+- Later settings (tools/BENCHMARKS.md, "RL"): lr 2e-4 with 20 warmup steps
+  (greedy 0.27 -> 0.10 at 100 steps), lr 1e-4 at 64 prompts x 8 a step (0.27 ->
+  0.17 at 50), and from SFT 340 at lr 5e-5 for 300 steps (greedy 0.52 -> 0.56,
+  sampled pass@1 at T 0.8 0.21 -> 0.21). None meets the target. A brevity reward
+  (1 if the completion has at most 20 characters) goes from 0.26 to 1.00 in 20
+  steps at lr 1e-4 with the same loop, so the updates do follow the reward; the
+  addition reward is what this policy cannot climb.
+
+`--eval RUN --step N` evaluates checkpoint N instead of the latest.
 
 Smoke test: add --config.train.steps=3.
 """
@@ -93,7 +102,7 @@ def get_config(arg=""):
   return c
 
 
-def pass_at_1(workdir: str, examples: int = 200) -> dict:
+def pass_at_1(workdir: str, examples: int = 200, step: int | None = None) -> dict:
   """Greedy held-out pass@1 of the run in `workdir` at each addition level."""
   import jax  # noqa: F401  only when evaluating: get_config must stay light
   from fmjax.data import task_batches, tasks, tokenizer as tokenizer_lib  # same reason
@@ -102,7 +111,7 @@ def pass_at_1(workdir: str, examples: int = 200) -> dict:
   from fmjax.posttrain import lora  # same reason
   from fmjax.train import trained_run  # same reason
 
-  cfg, _, params, step = trained_run.load(workdir, "grpo_tiny")
+  cfg, _, params, step = trained_run.load(workdir, "grpo_tiny", step)
   params, spec = lora.merge(jax.device_get(params), cfg.lora), ModelSpec.from_config(cfg)
   tok = tokenizer_lib.from_config(cfg.data, cfg.model.vocab_size)
   out = {"step": step}
@@ -111,9 +120,9 @@ def pass_at_1(workdir: str, examples: int = 200) -> dict:
     chunk = [data[i] for i in range(examples)]
     prompts = [task_batches.render(tok, e["prompt"], "")[0] for e in chunk]
     answers = decoding.generate(params, spec, prompts, 40, temperature=0.0, stop_id=tok.eos_id)
-    right = sum(tasks.verify("addition", e["prompt"],
-                             tok.decode([t for t in a[len(p):] if t != tok.eos_id]))
-                for e, p, a in zip(chunk, prompts, answers))
+    texts = [tok.decode([t for t in a[len(p):] if t != tok.eos_id])
+             for p, a in zip(prompts, answers)]
+    right = sum(tasks.verify("addition", e["prompt"], t) for e, t in zip(chunk, texts))
     out[f"level_{level}"] = right / examples
   return out
 
@@ -122,6 +131,7 @@ if __name__ == "__main__":
   parser = argparse.ArgumentParser(description="held-out pass@1 of a grpo_tiny run")
   parser.add_argument("--eval", required=True, help="a workdir")
   parser.add_argument("--examples", type=int, default=200)
+  parser.add_argument("--step", type=int, default=None, help="a checkpoint (default: the latest)")
   args = parser.parse_args()
-  print(json.dumps(pass_at_1(args.eval, args.examples)))
+  print(json.dumps(pass_at_1(args.eval, args.examples, args.step)))
   sys.exit(0)
