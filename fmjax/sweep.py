@@ -4,7 +4,8 @@
       [--print_commands | --collect] [--config.FIELD=VALUE ...]
 
 --config.FIELD=VALUE arguments apply to every member (e.g.
---config.checkpoint.root=gs://bucket/fmjax on a TPU pod). Exit status 0 when
+--config.checkpoint.root=gs://bucket/fmjax on a TPU pod); --config=FILE:ARG sweeps
+the file's variant get_config(ARG). Exit status 0 when
 every member finished, 1 if any failed (re-run the same command to retry
 them), 2 for a bad command line or experiment file.
 """
@@ -24,7 +25,8 @@ def parse_args(argv):
   parser = errors.ArgumentParser(prog="python -m fmjax.sweep",
                                  description=errors.command_help(__doc__))
   parser.add_argument("--config", required=True,
-                      help="experiment file with a sweep() beside its get_config()")
+                      help="experiment file with a sweep() beside its get_config(), "
+                           "or FILE:ARG for its variant get_config(ARG)")
   parser.add_argument("--workdir", required=True,
                       help="one subdirectory per member, plus records.jsonl")
   parser.add_argument("--print_commands", action="store_true",
@@ -41,9 +43,6 @@ def parse_args(argv):
       common[key[len("--config."):]] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       common[key[len("--config."):]] = value
-  if ":" in args.config:
-    parser.error(f"--config={args.config}: a sweep runs the file's sweep(); it takes no "
-                 "argument after ':'")
   if args.print_commands and args.collect:
     parser.error("--print_commands and --collect exclude each other")
   return args, common

@@ -141,7 +141,7 @@ IN_PROCESS_ERRORS = [  # the same, through each command's main(argv)
     ("sample", ["--workdir=w", "--max_new_tokens=0"], 2, "--max_new_tokens=0"),
     ("sample", ["--workdir=w", "--top_k=x"], 2, "invalid int value: 'x'"),
     ("sample", ["--workdir=missing"], 1, "no config.json in --workdir=missing"),
-    ("sweep", ["--config=experiments/moe_vs_dense.py:dense", "--workdir=w"], 2,
+    ("sweep", [f"--config={REPO}/experiments/scaling_tiny.py:anything", "--workdir=w"], 2,
      "takes no argument after ':'"),
     ("launch_local", ["--processes=2"], 2, "give the command's arguments after --"),
     ("task_eval", ["--workdir=w", "--examples=0"], 2, "--examples=0 must be >= 1"),

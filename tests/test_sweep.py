@@ -187,6 +187,15 @@ def test_a_file_without_sweep_gets_a_clear_error(capsys):
   assert "declares no sweep()" in capsys.readouterr().err
 
 
+def test_a_variant_is_swept_from_its_own_config_and_passed_on():
+  """--config=FILE:ARG: every member starts from get_config(ARG), and its command says so."""
+  plain, dense = (sweep.expand("experiments/moe_vs_dense.py" + arg) for arg in ("", ":dense"))
+  assert plain[0].cfg.model.moe.n_routed_experts > 0
+  assert [m.cfg.model.moe.n_routed_experts for m in dense] == [0, 0]
+  argv = sweep.command("experiments/moe_vs_dense.py:dense", dense[0], "/tmp/unused")
+  assert "--config=experiments/moe_vs_dense.py:dense" in argv
+
+
 def test_a_members_command_gives_fmjax_main_the_members_config():
   """Overrides of every type (string ones too, sweep-wide or the member's own) reach
   fmjax.main as the member has them: its --print_config shows the member's values."""

@@ -15,7 +15,8 @@ member: the table that `python -m fmjax.scaling fit` reads.
   python -m fmjax.sweep --config=experiments/scaling_tiny.py --workdir=DIR --collect
 
 --config.FIELD=VALUE arguments apply to every member (e.g.
---config.checkpoint.root=gs://bucket/fmjax on a TPU pod).
+--config.checkpoint.root=gs://bucket/fmjax on a TPU pod), and --config=FILE:ARG
+sweeps the variant get_config(ARG): each member's command passes FILE:ARG on.
 """
 
 from __future__ import annotations
@@ -99,14 +100,17 @@ def apply_overrides(cfg, overrides: dict):
   return cfg
 
 
-def expand(path: str, common: dict | None = None) -> list[Member]:
+def expand(spec: str, common: dict | None = None) -> list[Member]:
   """The sweep's members, each with its fully resolved config.
 
-  `common` overrides apply to every member (e.g. checkpoint.root on a pod);
-  members are named by their own overrides only.
+  `spec` is 'FILE' or 'FILE:ARG': ARG picks the variant get_config(ARG) every member
+  starts from (the file's sweep() is the same for every variant). `common` overrides
+  apply to every member (e.g. checkpoint.root on a pod); members are named by their
+  own overrides only.
   """
+  path, _, arg = spec.partition(":")
   module = load_experiment(path)
-  base = module.get_config()
+  base = module.get_config(arg) if arg else module.get_config()
   members, seen = [], {}
   for overrides in module.sweep():
     name = member_name(overrides)
@@ -213,8 +217,9 @@ def run(path: str, workdir: str, members: list[Member] | None = None, progress=T
     bar.write(f"sweep: training {m.name}: {m.cfg.model.n_layers} layers, d_model "
               f"{m.cfg.model.d_model}, {m.cfg.train.steps} steps")
     started = time.time()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
+        [repo] +
         [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     result = subprocess.run(command(path, m, workdir, python=sys.executable), env=env)
     if result.returncode:
