@@ -120,9 +120,9 @@ def pass_at_1(workdir: str, examples: int = 200, step: int | None = None) -> dic
     chunk = [data[i] for i in range(examples)]
     prompts = [task_batches.render(tok, e["prompt"], "")[0] for e in chunk]
     answers = decoding.generate(params, spec, prompts, 40, temperature=0.0, stop_id=tok.eos_id)
-    texts = [tok.decode([t for t in a[len(p):] if t != tok.eos_id])
-             for p, a in zip(prompts, answers)]
-    right = sum(tasks.verify("addition", e["prompt"], t) for e, t in zip(chunk, texts))
+    right = sum(tasks.verify("addition", e["prompt"],
+                             tok.decode([t for t in a[len(p):] if t != tok.eos_id]))
+                for e, p, a in zip(chunk, prompts, answers))
     out[f"level_{level}"] = right / examples
   return out
 

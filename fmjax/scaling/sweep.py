@@ -38,6 +38,7 @@ from fmjax.nn import cost
 from fmjax.scaling import sizing
 from fmjax.train import workdir as workdir_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORDS = "records.jsonl"
 
 
@@ -211,16 +212,14 @@ def run(path: str, workdir: str, members: list[Member] | None = None, progress=T
   print(f"sweep: {len(members)} members, {len(members) - len(todo)} already finished, "
         f"{len(todo)} to run -> {os.path.join(workdir, RECORDS)}", flush=True)
   failed = 0
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(  # members import fmjax from this checkout
+      [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   bar = tqdm.tqdm(total=len(members), initial=len(members) - len(todo), unit="run",
                   desc="sweep", disable=not progress, position=0)
   for m in todo:
     bar.write(f"sweep: training {m.name}: {m.cfg.model.n_layers} layers, d_model "
               f"{m.cfg.model.d_model}, {m.cfg.train.steps} steps")
     started = time.time()
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [repo] +
-        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     result = subprocess.run(command(path, m, workdir, python=sys.executable), env=env)
     if result.returncode:
       failed += 1
