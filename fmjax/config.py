@@ -244,7 +244,7 @@ def base() -> ml_collections.ConfigDict:
           gamma=1.0,  # gae
           lam=0.95,  # gae
           value_coef=0.1,  # gae: weight of the value loss
-          eval_prompts=96,  # held-out prompts answered greedily at each evaluation
+          eval_prompts=96,  # held-out prompts, answered greedily and group_size times sampled
       ),
   )
   c.optimizer = dict(

@@ -239,9 +239,6 @@ def _check_rl(cfg):
   if not (0 <= rl.lam <= 1 and 0 < rl.gamma <= 1):
     raise ConfigError(f"objective.rl.gamma={rl.gamma} must be in (0, 1] and "
                       f"objective.rl.lam={rl.lam} in [0, 1]")
-  if cfg.train.microbatches != 1:
-    raise ConfigError(f"train.microbatches={cfg.train.microbatches} must be 1 for "
-                      "objective.name='grpo'")
   if rl.kl_beta > 0 and not cfg.checkpoint.init_from:
     raise ConfigError(f"objective.rl.kl_beta={rl.kl_beta} needs a reference model: set "
                       "checkpoint.init_from (or kl_beta=0)")

@@ -197,6 +197,29 @@ def test_grpo_climbs_a_reward_the_policy_can_reach(mesh_run, monkeypatch):
   assert last > first + 0.2, means
 
 
+def test_evaluation_gives_greedy_and_sampled_pass_at_1(mesh_run, monkeypatch):
+  """Held-out evaluation answers each prompt once greedily and group_size times sampled, and
+  its two pass rates are the verifier's over exactly those answers."""
+  cfg, s, state, rollouts = mesh_run
+  seen = []
+  monkeypatch.setattr(rollouts, "verifier",
+                      lambda e, c: seen.append((e["prompt"], c)) or float(even_share(e, c) > 0.5))
+  prompts = prompt_batch(np.random.default_rng(8), 8)
+  with jax.set_mesh(s.mesh):
+    result = rollouts.evaluate(state["params"], [prompts])
+  greedy, sampled = seen[:8], seen[8:]
+  assert len(sampled) == 8 * G and result["prompts"] == 8
+  share = lambda answers: np.mean([even_share(None, c) > 0.5 for _, c in answers])
+  assert result["accuracy"] == pytest.approx(share(greedy))
+  assert result["sampled_accuracy"] == pytest.approx(share(sampled))
+  # Samples of one prompt differ; greedy answers are the sampler's at temperature 0.
+  assert len({c for p, c in sampled if p == greedy[0][0]}) > 1
+  with jax.set_mesh(s.mesh):
+    again, _, completions, _ = rollouts.generate(state["params"], prompts, jax.random.key(5), 1,
+                                                 True, "validation")
+  assert completions == [c for _, c in greedy]
+
+
 def one_step(s, state, batch, step=None):
   step = step or rl.make_train_step(s)
   with jax.set_mesh(s.mesh):
@@ -242,6 +265,25 @@ def test_first_step_loss_closed_form_and_one_device_equals_the_mesh(mesh_run):
   diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
       jax.tree.leaves(new1["params"]), jax.tree.leaves(new8["params"]))])
   assert np.mean(diffs < 2e-6) > 0.99
+
+
+def test_microbatches_give_the_whole_batch_step():
+  """train.microbatches = 2 splits pi_old, the value head's pass and each of mu = 2 updates'
+  gradients into microbatches; the step equals the one-pass step (PPO's, which has every
+  part of GRPO's and the value loss and its whitened advantages besides)."""
+  batch = synthetic_batch(rl_config())
+  out = []
+  for micro in (1, 2):
+    cfg = rl_config(advantage="gae", updates=2, clip_low=0.05, clip_high=0.05)
+    cfg.train.microbatches = micro
+    s = make_setup(cfg, dict(data=2, fsdp=1, tensor=1))
+    out.append(one_step(s, state_lib.init_state(s, seed=0), batch))
+  (one, m1), (two, m2) = out
+  assert float(m2["clip_fraction"]) > 0  # the second update is off-policy, and clipped
+  for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "value_loss"):
+    assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-4, abs=1e-6), key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+               one["params"], two["params"])
 
 
 # Bad inputs: one line each.

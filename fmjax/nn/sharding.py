@@ -105,6 +105,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules) ->
   return jax.lax.with_sharding_constraint(x, spec(logical_axes, rules, "activation"))
 
 
+def split_microbatches(batch, n: int, rules: Rules):
+  """Each (B, ...) leaf -> (n, B/n, ...), taking every n-th row so that each shard keeps
+  its own rows: microbatch i is rows i, i + n, ... of every shard's block."""
+
+  def split(x):
+    y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(y, (None, "batch") + (None,) * (x.ndim - 1), rules)
+
+  return jax.tree.map(split, batch)
+
+
 def batch_sharding(mesh, rules: Rules) -> NamedSharding:
   """How a (batch, seq) array of inputs is laid out on the mesh."""
   return NamedSharding(mesh, spec(("batch", None), rules, "batch"))

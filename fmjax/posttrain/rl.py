@@ -60,7 +60,7 @@ import optax
 
 from fmjax.data import tasks
 from fmjax.errors import ConfigError, Failure
-from fmjax.nn import decoding, model
+from fmjax.nn import decoding, model, sharding
 from fmjax.posttrain import plan, reward_model as rm
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "gae")
@@ -136,27 +136,32 @@ def token_logps(params, batch, spec, temperature: float, with_values: bool = Fal
   return logp_BT, entropy_BT, values_BT
 
 
-def aggregate(loss_BT, mask_BT, rl):
-  """The batch loss from token losses: see the module docstring."""
+def aggregate(loss_BT, mask_BT, rl, rows=None, tokens=None):
+  """The batch loss from token losses: see the module docstring. `rows` and `tokens` are
+  the whole batch's sequences and response tokens (default: those of `mask_BT`), so that
+  the losses of microbatches add up to the batch's."""
   mask_BT = mask_BT.astype(jnp.float32)
+  rows = mask_BT.shape[0] if rows is None else rows
+  tokens = jnp.maximum(jnp.sum(mask_BT), 1.0) if tokens is None else tokens
   if rl.advantage == "dr_grpo":
-    return jnp.sum(loss_BT * mask_BT) / (mask_BT.shape[0] * rl.max_new_tokens)
+    return jnp.sum(loss_BT * mask_BT) / (rows * rl.max_new_tokens)
   if rl.aggregation == "token":
-    return jnp.sum(loss_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+    return jnp.sum(loss_BT * mask_BT) / tokens
   per_seq_B = jnp.sum(loss_BT * mask_BT, axis=1) / jnp.maximum(jnp.sum(mask_BT, axis=1), 1.0)
-  return jnp.mean(per_seq_B)
+  return jnp.sum(per_seq_B) / rows
 
 
-def policy_loss(logp_BT, old_BT, ref_BT, adv_BT, mask_BT, rl):
-  """(loss, statistics) of the clipped policy gradient with the k3 KL penalty."""
+def policy_loss(logp_BT, old_BT, ref_BT, adv_BT, mask_BT, rl, rows=None, tokens=None):
+  """(loss, statistics) of the clipped policy gradient with the k3 KL penalty; `rows` and
+  `tokens` as in `aggregate` (the statistics are divided by `tokens` too)."""
   ratio_BT = jnp.exp(logp_BT - old_BT)
   clipped_BT = jnp.clip(ratio_BT, 1.0 - rl.clip_low, 1.0 + rl.clip_high)
   pg_BT = -jnp.minimum(ratio_BT * adv_BT, clipped_BT * adv_BT)
   log_ref_ratio_BT = ref_BT - logp_BT
   kl_BT = jnp.exp(log_ref_ratio_BT) - log_ref_ratio_BT - 1.0
-  loss = aggregate(pg_BT + rl.kl_beta * kl_BT, mask_BT, rl)
   m_BT = mask_BT.astype(jnp.float32)
-  n = jnp.maximum(jnp.sum(m_BT), 1.0)
+  n = jnp.maximum(jnp.sum(m_BT), 1.0) if tokens is None else tokens
+  loss = aggregate(pg_BT + rl.kl_beta * kl_BT, mask_BT, rl, rows, n)
   stop = jax.lax.stop_gradient
   stats = {"kl": jnp.sum(stop(kl_BT) * m_BT) / n,
            "clip_fraction": jnp.sum((stop(pg_BT) != stop(-ratio_BT * adv_BT)) * m_BT) / n}
@@ -165,20 +170,38 @@ def policy_loss(logp_BT, old_BT, ref_BT, adv_BT, mask_BT, rl):
 
 def make_train_step(s, frozen: dict | None = None):
   """The jitted RL step (state, batch) -> (state, metrics): mu updates on one batch of
-  rollouts. `frozen` holds the reference if rl.kl_beta > 0 (Setup.frozen_shardings)."""
+  rollouts. `frozen` holds the reference if rl.kl_beta > 0 (Setup.frozen_shardings).
+
+  With train.microbatches = n, every pass over the batch (pi_old, the reference, and each
+  update's gradient) goes n microbatches at a time, and the gradients add up to the whole
+  batch's: the losses are divided by the whole batch's sequences and tokens."""
   cfg = s.cfg
   rl = cfg.objective.rl
   values = rl.advantage == "gae"
+  n_micro = cfg.train.microbatches
+  rules = cfg.sharding.activations
+
+  def split(tree):  # (B, ...) -> (n, B/n, ...), as the pretraining step splits a batch
+    return sharding.split_microbatches(tree, n_micro, rules)
+
+  def join(tree):  # the inverse of split
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), tree)
+
+  def over_rows(fn, tree):
+    """fn over the rows of `tree`, one microbatch at a time, joined back to (B, ...)."""
+    return fn(tree) if n_micro == 1 else join(jax.lax.map(fn, split(tree)))
 
   def step(state, batch, frozen):
     trained, fixed = s.split(state["params"])
     mask_BT = batch["loss_mask"].astype(jnp.float32)
-    n_tokens = jnp.maximum(jnp.sum(mask_BT), 1.0)
+    rows, n_tokens = mask_BT.shape[0], jnp.maximum(jnp.sum(mask_BT), 1.0)
     stop = jax.lax.stop_gradient
-    old_BT, entropy_BT, old_values_BT = stop(token_logps(
-        plan.model_params(state["params"], cfg), batch, s.spec, rl.temperature, values))
+    policy = plan.model_params(state["params"], cfg)
+    old_BT, entropy_BT, old_values_BT = stop(over_rows(
+        lambda b: token_logps(policy, b, s.spec, rl.temperature, values), batch))
     if frozen:
-      ref_BT = stop(token_logps(frozen["reference"], batch, s.spec, rl.temperature)[0])
+      ref_BT = stop(over_rows(
+          lambda b: token_logps(frozen["reference"], b, s.spec, rl.temperature)[0], batch))
     else:
       ref_BT = old_BT
     if values:
@@ -190,21 +213,37 @@ def make_train_step(s, frozen: dict | None = None):
       std = jnp.sqrt(jnp.sum((adv_BT - mean)**2 * mask_BT) / n_tokens)
       adv_BT = (adv_BT - mean) / (std + 1e-6) * mask_BT
     else:
-      adv_BT = jnp.broadcast_to(batch["advantages"], mask_BT.shape)
+      adv_BT, returns_BT = jnp.broadcast_to(batch["advantages"], mask_BT.shape), None
+    rows_in = dict(batch, old=old_BT, ref=ref_BT, adv=adv_BT)
+    if values:
+      rows_in["returns"] = returns_BT
 
-    def loss_fn(tr):
+    def loss_fn(tr, b):
       params = plan.model_params(dict(fixed, **tr), cfg)
-      logp_BT, _, values_BT = token_logps(params, batch, s.spec, rl.temperature, values)
-      loss, stats = policy_loss(logp_BT, old_BT, ref_BT, adv_BT, mask_BT, rl)
+      logp_BT, _, values_BT = token_logps(params, b, s.spec, rl.temperature, values)
+      m_BT = b["loss_mask"].astype(jnp.float32)
+      loss, stats = policy_loss(logp_BT, b["old"], b["ref"], b["adv"], m_BT, rl, rows,
+                                n_tokens)
       if values:
-        value_loss = 0.5 * jnp.sum((values_BT - returns_BT)**2 * mask_BT) / n_tokens
+        value_loss = 0.5 * jnp.sum((values_BT - b["returns"])**2 * m_BT) / n_tokens
         stats["value_loss"] = value_loss
         loss = loss + rl.value_coef * value_loss
       return loss, dict(stats, loss=loss)
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradient(tr):
+      if n_micro == 1:
+        return grad_fn(tr, rows_in)
+      parts = split(rows_in)
+      first = jax.eval_shape(grad_fn, tr, jax.tree.map(lambda x: x[0], parts))
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first)
+      add = lambda carry, part: (jax.tree.map(jnp.add, carry, grad_fn(tr, part)), None)
+      return jax.lax.scan(add, zeros, parts)[0]
+
     def update(carry, _):
       tr, opt_state = carry
-      (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
+      (_, stats), grads = gradient(tr)
       updates, opt_state = s.optimizer.update(grads, opt_state, tr)
       return (optax.apply_updates(tr, updates), opt_state), dict(
           stats, grad_norm=optax.tree.norm(grads))
@@ -383,17 +422,22 @@ class Rollouts:
     return batch, host
 
   def evaluate(self, params, batches) -> dict:
-    """Held-out pass@1 (greedy) and mean reward over the prompts of `batches`."""
-    rewards, passed = [], []
-    for b in batches:
-      rows, examples, completions, _ = self.generate(params, b, jax.random.key(0), 1, True,
-                                                     "validation")
-      r, p = self.rewards(rows, examples, completions)
-      rewards.append(r)
-      passed.append(p)
-    r, p = np.concatenate(rewards), np.concatenate(passed)
-    return {"loss": -float(r.mean()), "accuracy": float(p.mean()), "reward": float(r.mean()),
-            "prompts": float(len(r))}
+    """Over the held-out prompts of `batches`: pass@1 and mean reward of the greedy answers
+    (accuracy, reward), and pass@1 of the policy's own samples at the rollout temperature,
+    group_size of them per prompt (sampled_accuracy), the quantity GRPO maximises."""
+    out = {}
+    for name, greedy, group in (("", True, 1), ("sampled_", False, self.rl.group_size)):
+      rewards, passed = [], []
+      for number, b in enumerate(batches):
+        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed + 1), number)
+        rows, examples, completions, _ = self.generate(params, b, key, group, greedy,
+                                                       "validation")
+        r, p = self.rewards(rows, examples, completions)
+        rewards.append(r)
+        passed.append(p)
+      r, p = np.concatenate(rewards), np.concatenate(passed)
+      out.update({f"{name}accuracy": float(p.mean()), f"{name}reward": float(r.mean())})
+    return dict(out, loss=-out["reward"], prompts=float(len(r) // self.rl.group_size))
 
 
 def plot_rewards(records: list[dict], path: str) -> None:
@@ -408,7 +452,8 @@ def plot_rewards(records: list[dict], path: str) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for key, label, style in (("reward_mean", "train reward (mean)", "-"),
                             ("pass_rate", "train pass rate", "-"),
-                            ("eval_accuracy", "held-out pass@1 (greedy)", "o-")):
+                            ("eval_accuracy", "held-out pass@1 (greedy)", "o-"),
+                            ("eval_sampled_accuracy", "held-out pass@1 (sampled)", "s-")):
     points = series(key)
     if points:
       ax.plot(*zip(*points), style, label=label, lw=1.2)

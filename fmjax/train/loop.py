@@ -484,8 +484,10 @@ class _Run:
       result = step_lib.evaluate(self.s, self.eval_step, self.state["params"], self.eval_data)
     self.writer.write(step, {f"eval_{k}": v for k, v in result.items()})
     if self.is_main:
+      sampled = (f", sampled {result['sampled_accuracy']:.3f}" if "sampled_accuracy" in result
+                 else "")
       write(f"step {step}: held-out loss {result['loss']:.4f}, "
-            f"accuracy {result['accuracy']:.3f}")
+            f"accuracy {result['accuracy']:.3f}{sampled}")
     self.eval_loss = result["loss"]
 
   def evaluate_suite(self, step: int, write):

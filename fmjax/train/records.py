@@ -69,12 +69,19 @@ def startup_lines(cfg, s, workdir: str, checkpoints: str) -> list[str]:
   tokens = t.batch_size * d.seq_len
   processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
   curriculum = f" (curriculum {d.curriculum!r})" if d.curriculum else ""
+  o = cfg.objective
+  if o.name == "next_token":
+    source = f"{d.mixture!r}{curriculum}"
+  elif o.name == "reward_model" and o.reward_model.data:
+    source = repr(o.reward_model.data)
+  else:  # the task families (fmjax.data.tasks)
+    source = f"the tasks {o.tasks!r}" if o.tasks else "the tasks"
   elsewhere = checkpoints != os.path.join(workdir, "checkpoints")
   return [
       f"model: {m.n_layers} layers, d_model {m.d_model}, {attention}, vocab {m.vocab_size}: "
       f"{params})",
       f"mesh: {mesh} over {len(devices)} {devices[0].device_kind} devices{processes}",
-      f"data: {cfg.objective.name} on {d.mixture!r}{curriculum}; {t.batch_size} x "
+      f"data: {o.name} on {source}; {t.batch_size} x "
       f"{d.seq_len} = {tokens:,} tokens a step, {t.steps:,} steps ({_short(tokens * t.steps)} "
       "tokens)",
       f"workdir: {os.path.abspath(workdir)}"

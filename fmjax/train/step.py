@@ -18,16 +18,6 @@ from fmjax.train import objectives
 from fmjax.train.state import Setup
 
 
-def _split_microbatches(batch, n: int, rules):
-  """(B, ...) -> (n, B/n, ...), taking every n-th row so each shard keeps its rows."""
-
-  def split(x):
-    y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-    return sharding_lib.constrain(y, (None, "batch") + (None,) * (x.ndim - 1), rules)
-
-  return jax.tree.map(split, batch)
-
-
 def _loss_fn(s: Setup):
   """(trained, fixed, batch, frozen) -> (summed loss, stats) of the config's objective."""
   cfg = s.cfg
@@ -70,7 +60,7 @@ def make_train_step(s: Setup, frozen: dict | None = None):
         (loss, stats), grads = grad_fn(trained, fixed, microbatch, frozen)
         return jax.tree.map(jnp.add, carry, (loss, grads, stats)), None
 
-      microbatches = _split_microbatches(batch, n_micro, cfg.sharding.activations)
+      microbatches = sharding_lib.split_microbatches(batch, n_micro, cfg.sharding.activations)
       (loss_shape, stats_shape), _ = jax.eval_shape(
           grad_fn, trained, fixed, jax.tree.map(lambda x: x[0], microbatches), frozen)
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
