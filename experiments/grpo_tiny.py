@@ -37,7 +37,7 @@ four updates per batch (mu=4) learnt no faster per rollout.
 
 Measured (2026-11-30, the 2-core CPU; 2 fake devices):
 
-- SFT, 400 steps (8 min): held-out pass@1 at level 0 0.255 (greedy 0.725);
+- SFT, 400 steps (80 s): held-out pass@1 at level 0 0.255 (greedy 0.725);
   levels 1 and 2: 0.001 and 0 (greedy 0 and 0).
 - GRPO, 300 steps (27 min wall with its evaluations; a step 5.1 s, of which
   the rollout is 1.3 s): `--eval` gives pass@1 at level 0 0.255 -> 0.416 and
