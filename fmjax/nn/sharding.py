@@ -12,6 +12,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax.errors import ConfigError
@@ -114,6 +115,19 @@ def split_microbatches(batch, n: int, rules: Rules):
     return constrain(y, (None, "batch") + (None,) * (x.ndim - 1), rules)
 
   return jax.tree.map(split, batch)
+
+
+def sum_over_microbatches(fn, batch, n: int, rules: Rules):
+  """fn(batch), computed n microbatches at a time (split_microbatches) and summed: equal
+  to fn of the whole batch wherever fn is a sum over rows (losses and gradients that
+  are divided by the whole batch's counts)."""
+  if n == 1:
+    return fn(batch)
+  parts = split_microbatches(batch, n, rules)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], parts))
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  add = lambda total, part: (jax.tree.map(jnp.add, total, fn(part)), None)
+  return jax.lax.scan(add, zeros, parts)[0]
 
 
 def batch_sharding(mesh, rules: Rules) -> NamedSharding:

@@ -181,15 +181,12 @@ def make_train_step(s, frozen: dict | None = None):
   n_micro = cfg.train.microbatches
   rules = cfg.sharding.activations
 
-  def split(tree):  # (B, ...) -> (n, B/n, ...), as the pretraining step splits a batch
-    return sharding.split_microbatches(tree, n_micro, rules)
-
-  def join(tree):  # the inverse of split
-    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), tree)
-
   def over_rows(fn, tree):
     """fn over the rows of `tree`, one microbatch at a time, joined back to (B, ...)."""
-    return fn(tree) if n_micro == 1 else join(jax.lax.map(fn, split(tree)))
+    if n_micro == 1:
+      return fn(tree)
+    out = jax.lax.map(fn, sharding.split_microbatches(tree, n_micro, rules))
+    return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape(-1, *y.shape[2:]), out)
 
   def step(state, batch, frozen):
     trained, fixed = s.split(state["params"])
@@ -213,7 +210,7 @@ def make_train_step(s, frozen: dict | None = None):
       std = jnp.sqrt(jnp.sum((adv_BT - mean)**2 * mask_BT) / n_tokens)
       adv_BT = (adv_BT - mean) / (std + 1e-6) * mask_BT
     else:
-      adv_BT, returns_BT = jnp.broadcast_to(batch["advantages"], mask_BT.shape), None
+      adv_BT = jnp.broadcast_to(batch["advantages"], mask_BT.shape)
     rows_in = dict(batch, old=old_BT, ref=ref_BT, adv=adv_BT)
     if values:
       rows_in["returns"] = returns_BT
@@ -232,18 +229,10 @@ def make_train_step(s, frozen: dict | None = None):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradient(tr):
-      if n_micro == 1:
-        return grad_fn(tr, rows_in)
-      parts = split(rows_in)
-      first = jax.eval_shape(grad_fn, tr, jax.tree.map(lambda x: x[0], parts))
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), first)
-      add = lambda carry, part: (jax.tree.map(jnp.add, carry, grad_fn(tr, part)), None)
-      return jax.lax.scan(add, zeros, parts)[0]
-
     def update(carry, _):
       tr, opt_state = carry
-      (_, stats), grads = gradient(tr)
+      (_, stats), grads = sharding.sum_over_microbatches(lambda b: grad_fn(tr, b), rows_in,
+                                                         n_micro, rules)
       updates, opt_state = s.optimizer.update(grads, opt_state, tr)
       return (optax.apply_updates(tr, updates), opt_state), dict(
           stats, grad_norm=optax.tree.norm(grads))

@@ -53,19 +53,8 @@ def make_train_step(s: Setup, frozen: dict | None = None):
 
   def step(state, batch, frozen):
     trained, fixed = s.split(state["params"])
-    if n_micro == 1:
-      (loss, stats), grads = grad_fn(trained, fixed, batch, frozen)
-    else:
-      def accumulate(carry, microbatch):
-        (loss, stats), grads = grad_fn(trained, fixed, microbatch, frozen)
-        return jax.tree.map(jnp.add, carry, (loss, grads, stats)), None
-
-      microbatches = sharding_lib.split_microbatches(batch, n_micro, cfg.sharding.activations)
-      (loss_shape, stats_shape), _ = jax.eval_shape(
-          grad_fn, trained, fixed, jax.tree.map(lambda x: x[0], microbatches), frozen)
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                           (loss_shape, trained, stats_shape))
-      (loss, grads, stats), _ = jax.lax.scan(accumulate, zeros, microbatches)
+    (loss, stats), grads = sharding_lib.sum_over_microbatches(
+        lambda b: grad_fn(trained, fixed, b, frozen), batch, n_micro, cfg.sharding.activations)
     denom = jnp.maximum(objectives.denominator(stats), 1.0)
     # A non-finite loss counts as a non-finite gradient, so the update is skipped.
     finite_loss = jnp.isfinite(loss)
